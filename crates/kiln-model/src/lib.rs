@@ -1,0 +1,111 @@
+//! The transformer kiln trains and serves, and everything that runs it: LoRA, the KV cache,
+//! sampling, generation and perplexity.
+//!
+//! There is exactly one model implementation ([`CausalLm`]). Its linear layers ([`Linear`]) are
+//! dense, quantized or LoRA-wrapped in place; its forward pass is differentiable end to end and
+//! takes candle's fused kernels only where no gradient is needed; inference state (the
+//! [`KvCache`]) lives outside the weights and is passed in.
+
+pub mod eval;
+pub mod generation;
+pub mod init;
+pub mod kv_cache;
+pub mod linear;
+pub mod lora;
+pub mod rope;
+pub mod sampling;
+pub mod transformer;
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device};
+use kiln_core::{GenerationConfig, ModelConfig, ModelDir, Result, SafetensorsWeights, Tokenizer};
+
+pub use eval::{Perplexity, perplexity};
+pub use generation::{FinishReason, GenerateParams, Generation, generate};
+pub use kv_cache::KvCache;
+pub use linear::{Linear, LinearWeight, LoraLayer};
+pub use lora::{LoraAdapter, LoraConfig, TargetModules};
+pub use sampling::{Sampler, SamplingParams};
+pub use transformer::CausalLm;
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub device: Device,
+    /// Compute dtype; by default f32 on CPU, whatever the checkpoint was saved in.
+    pub dtype: Option<DType>,
+    /// A PEFT LoRA adapter directory to apply.
+    pub adapter: Option<PathBuf>,
+    /// Fold the adapter into the base weights (faster inference) instead of applying it beside them.
+    pub merge_adapter: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            dtype: None,
+            adapter: None,
+            merge_adapter: false,
+        }
+    }
+}
+
+/// A model directory loaded for use: config, weights (with any adapter), tokenizer.
+#[derive(Debug)]
+pub struct LoadedModel {
+    pub dir: ModelDir,
+    pub config: ModelConfig,
+    pub generation_config: GenerationConfig,
+    pub model: CausalLm,
+    pub tokenizer: Tokenizer,
+    pub adapter: Option<LoraAdapter>,
+}
+
+impl LoadedModel {
+    /// Loads `spec`: a directory, or a hub id found in the local Hugging Face cache.
+    pub fn load(spec: &str, options: &LoadOptions) -> Result<Self> {
+        let dir = ModelDir::resolve(spec)?;
+        let config = dir.config()?;
+        let generation_config = dir.generation_config()?;
+        let dtype = options.dtype.unwrap_or(match options.device {
+            Device::Cpu => DType::F32,
+            _ => config.dtype,
+        });
+        let weights = SafetensorsWeights::open(&dir.weight_files()?)?;
+        let vb = weights.into_var_builder(dtype, &options.device);
+        let mut model = CausalLm::load(vb, &config)?;
+        let tokenizer = Tokenizer::from_dir(dir.root())?;
+        let adapter = match &options.adapter {
+            Some(path) => {
+                let adapter = LoraAdapter::load(path, dtype, &options.device)?;
+                adapter.apply(&mut model)?;
+                if options.merge_adapter {
+                    model.merge_lora()?;
+                }
+                Some(adapter)
+            }
+            None => None,
+        };
+        Ok(Self {
+            dir,
+            config,
+            generation_config,
+            model,
+            tokenizer,
+            adapter,
+        })
+    }
+
+    /// Every id that ends generation: `config.json`'s, `generation_config.json`'s and the
+    /// tokenizer's EOS, deduplicated.
+    pub fn eos_token_ids(&self) -> Vec<u32> {
+        let mut ids = self.config.eos_token_ids.clone();
+        ids.extend(self.generation_config.eos_token_ids());
+        ids.extend(self.tokenizer.eos_token_id());
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}

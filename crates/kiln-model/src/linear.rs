@@ -1,0 +1,232 @@
+//! The one linear layer of the model. Its weight is dense or quantized, and it may carry a LoRA
+//! adapter: quantization and LoRA are properties of the layer, so a model is never copied to be
+//! adapted or quantized, and the training and inference paths share every line.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::VarBuilder;
+
+/// The frozen (or trainable) base weight, `[out_features, in_features]` when dense.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    /// A GGML block-quantized weight; matmuls run on the quantized blocks directly.
+    Quantized(QMatMul),
+}
+
+/// A LoRA update `scale · B·A` (Hu et al., 2021, <https://arxiv.org/abs/2106.09685>) applied
+/// beside the base weight: `y = W·x + scale · B·(A·x)`.
+#[derive(Debug, Clone)]
+pub struct LoraLayer {
+    /// `[r, in_features]`
+    pub a: Tensor,
+    /// `[out_features, r]`
+    pub b: Tensor,
+    /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
+    pub scale: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: LinearWeight,
+    bias: Option<Tensor>,
+    lora: Option<LoraLayer>,
+    in_features: usize,
+    out_features: usize,
+}
+
+impl Linear {
+    /// Loads `weight` (and `bias` when asked) under `vb`.
+    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+        let weight = vb.get((out_features, in_features), "weight")?;
+        let bias = if bias {
+            Some(vb.get(out_features, "bias")?)
+        } else {
+            None
+        };
+        Ok(Self::new(weight, bias))
+    }
+
+    /// A dense layer from a `[out, in]` weight.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let (out_features, in_features) = weight.dims2().unwrap_or((0, 0));
+        Self {
+            weight: LinearWeight::Dense(weight),
+            bias,
+            lora: None,
+            in_features,
+            out_features,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn weight(&self) -> &LinearWeight {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn lora(&self) -> Option<&LoraLayer> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches (or replaces) a LoRA update, applied unmerged.
+    pub fn set_lora(&mut self, lora: LoraLayer) -> Result<()> {
+        let (r, a_in) = lora.a.dims2()?;
+        let (b_out, b_r) = lora.b.dims2()?;
+        if a_in != self.in_features || b_out != self.out_features || b_r != r {
+            candle_core::bail!(
+                "LoRA shapes A {:?} / B {:?} do not fit a linear layer of {} -> {} (expected A [r, {}], B [{}, r])",
+                lora.a.dims(),
+                lora.b.dims(),
+                self.in_features,
+                self.out_features,
+                self.in_features,
+                self.out_features
+            );
+        }
+        self.lora = Some(lora);
+        Ok(())
+    }
+
+    pub fn remove_lora(&mut self) -> Option<LoraLayer> {
+        self.lora.take()
+    }
+
+    /// The LoRA delta `scale · B·A` as a `[out, in]` matrix.
+    fn lora_delta(lora: &LoraLayer, dtype: DType) -> Result<Tensor> {
+        (lora.b.to_dtype(DType::F32)?.matmul(&lora.a.to_dtype(DType::F32)?)? * lora.scale)?
+            .to_dtype(dtype)
+    }
+
+    /// Folds the LoRA update into the dense weight (`W + scale·B·A`) and drops it; afterwards the
+    /// layer costs what the base layer costs.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        let Some(lora) = self.lora.take() else {
+            return Ok(());
+        };
+        match &self.weight {
+            LinearWeight::Dense(w) => {
+                let merged = (w + Self::lora_delta(&lora, w.dtype())?)?;
+                self.weight = LinearWeight::Dense(merged.detach());
+                Ok(())
+            }
+            LinearWeight::Quantized(_) => {
+                self.lora = Some(lora);
+                candle_core::bail!("cannot merge a LoRA adapter into a quantized weight; apply it unmerged")
+            }
+        }
+    }
+
+    /// Quantizes a dense weight in place to a GGML block format.
+    pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
+        if let LinearWeight::Dense(w) = &self.weight {
+            let q = QTensor::quantize(&w.to_dtype(DType::F32)?, dtype)?;
+            self.weight = LinearWeight::Quantized(QMatMul::from_qtensor(q)?);
+        }
+        Ok(())
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let mut y = match &self.weight {
+            LinearWeight::Dense(w) => {
+                // One GEMM over all leading dimensions: [.., in] -> [n, in] · [in, out].
+                let dims = x.dims();
+                let lead: Vec<usize> = dims[..dims.len() - 1].to_vec();
+                let x2 = x.reshape(((), self.in_features))?;
+                let y = x2.matmul(&w.t()?)?;
+                let mut out_shape = lead;
+                out_shape.push(self.out_features);
+                y.reshape(out_shape)?
+            }
+            LinearWeight::Quantized(q) => {
+                let dtype = x.dtype();
+                q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            }
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        if let Some(lora) = &self.lora {
+            let down = x.broadcast_matmul(&lora.a.t()?)?;
+            let up = down.broadcast_matmul(&lora.b.t()?)?;
+            y = (y + (up * lora.scale)?)?;
+        }
+        Ok(y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+
+    #[test]
+    fn merged_lora_equals_unmerged() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
+        let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
+        let mut layer = Linear::new(w.clone(), Some(b));
+        layer.set_lora(LoraLayer {
+            a: Tensor::randn(0f32, 1.0, (4, 16), &dev)?,
+            b: Tensor::randn(0f32, 1.0, (24, 4), &dev)?,
+            scale: 2.0,
+        })?;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 16), &dev)?;
+        let unmerged = layer.forward(&x)?;
+        layer.merge_lora()?;
+        let merged = layer.forward(&x)?;
+        assert!(max_diff(&unmerged, &merged) < 1e-4);
+        // And the LoRA path really changed the output.
+        let base = Linear::new(w, layer.bias().cloned()).forward(&x)?;
+        assert!(max_diff(&base, &merged) > 1e-2);
+        Ok(())
+    }
+
+    #[test]
+    fn misshaped_lora_is_rejected_with_shapes() -> Result<()> {
+        let dev = Device::Cpu;
+        let mut layer = Linear::new(Tensor::zeros((24, 16), DType::F32, &dev)?, None);
+        let err = layer
+            .set_lora(LoraLayer {
+                a: Tensor::zeros((4, 8), DType::F32, &dev)?,
+                b: Tensor::zeros((24, 4), DType::F32, &dev)?,
+                scale: 1.0,
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("[4, 8]"), "{err}");
+        Ok(())
+    }
+
+    #[test]
+    fn q8_0_stays_close_to_dense() -> Result<()> {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.05, (64, 256), &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 256), &dev)?;
+        let mut layer = Linear::new(w, None);
+        let dense = layer.forward(&x)?;
+        layer.quantize(GgmlDType::Q8_0)?;
+        let quant = layer.forward(&x)?;
+        let scale = dense.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(max_diff(&dense, &quant) < 0.02 * scale);
+        Ok(())
+    }
+}

@@ -1,0 +1,346 @@
+//! The decoder of Llama (Touvron et al., 2023, <https://arxiv.org/abs/2302.13971>), Mistral and
+//! Qwen2, following `transformers.models.llama.modeling_llama`: pre-norm blocks of grouped-query
+//! attention with rotary embeddings and a SwiGLU MLP, RMSNorm, an LM head.
+//!
+//! One implementation serves training and inference. Every op is differentiable; candle's fused
+//! kernels (RMSNorm, RoPE, softmax), which record no backward, are taken only when the input
+//! carries no gradient (`Tensor::track_op`), so inference is fast and training is exact.
+
+use candle_core::{D, DType, Device, Result, Tensor};
+use candle_nn::VarBuilder;
+use kiln_core::ModelConfig;
+
+use crate::kv_cache::KvCache;
+use crate::linear::Linear;
+use crate::rope::{RopeTables, RotaryEmbedding};
+
+/// Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in f32 as transformers does.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if x.track_op() || self.weight.track_op() {
+            let dtype = x.dtype();
+            let x32 = x.to_dtype(DType::F32)?;
+            let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+            x32.broadcast_mul(&inv_rms)?
+                .to_dtype(dtype)?
+                .broadcast_mul(&self.weight)
+        } else {
+            candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
+        }
+    }
+}
+
+/// Softmax over the last dimension in f32; fused unless a gradient must flow.
+fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x = x.to_dtype(DType::F32)?;
+    let p = if x.track_op() {
+        // Softmax is shift-invariant: subtracting a detached max keeps the gradient exact.
+        let max = x.max_keepdim(D::Minus1)?.detach();
+        let e = x.broadcast_sub(&max)?.exp()?;
+        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+    } else {
+        candle_nn::ops::softmax_last_dim(&x)?
+    };
+    p.to_dtype(dtype)
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, d) = (cfg.hidden_size, cfg.head_dim);
+        Ok(Self {
+            q_proj: Linear::load(vb.pp("q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
+            k_proj: Linear::load(vb.pp("k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            v_proj: Linear::load(vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            o_proj: Linear::load(vb.pp("o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
+            num_heads: cfg.num_heads,
+            num_kv_heads: cfg.num_kv_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, s, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd))?.transpose(1, 2);
+        let q = rope.apply(&heads(self.q_proj.forward(x)?, nh)?)?;
+        let k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?)?;
+        let v = heads(self.v_proj.forward(x)?, nkv)?;
+        let (k, v) = match cache {
+            Some((cache, layer)) => cache.append(layer, &k, &v)?,
+            // Without a cache, make K/V contiguous once; cached views already have a layout the
+            // batched matmul reads in place.
+            None => (k.contiguous()?, v.contiguous()?),
+        };
+        let t = k.dim(2)?;
+
+        // Grouped-query attention without copying K/V: the `rep` query heads sharing a KV head
+        // are stacked along the sequence axis, so one batched matmul per KV head serves them all.
+        let rep = nh / nkv;
+        let q = q.contiguous()?.reshape((b, nkv, rep * s, hd))?;
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let scores = scores.reshape((b, nh, s, t))?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = softmax_last_dim(&scores)?.reshape((b, nkv, rep * s, t))?;
+        let out = probs.matmul(&v)?;
+        let out = out
+            .reshape((b, nh, s, hd))?
+            .transpose(1, 2)?
+            .reshape((b, s, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, bias)?,
+            up_proj: Linear::load(vb.pp("up_proj"), h, i, bias)?,
+            down_proj: Linear::load(vb.pp("down_proj"), i, h, bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?.silu()?;
+        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            post_attention_layernorm: RmsNorm::load(
+                vb.pp("post_attention_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, cache)?)?;
+        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+
+    fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
+        [
+            ("self_attn.q_proj", &mut self.self_attn.q_proj),
+            ("self_attn.k_proj", &mut self.self_attn.k_proj),
+            ("self_attn.v_proj", &mut self.self_attn.v_proj),
+            ("self_attn.o_proj", &mut self.self_attn.o_proj),
+            ("mlp.gate_proj", &mut self.mlp.gate_proj),
+            ("mlp.up_proj", &mut self.mlp.up_proj),
+            ("mlp.down_proj", &mut self.mlp.down_proj),
+        ]
+    }
+}
+
+/// A decoder-only language model: `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
+#[derive(Debug, Clone)]
+pub struct CausalLm {
+    cfg: ModelConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    rope: RotaryEmbedding,
+}
+
+impl CausalLm {
+    /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level (`model.*`,
+    /// `lm_head.*`). With a `VarMap`-backed builder the weights are trainable variables.
+    pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        let base = vb.pp("model");
+        let embed_tokens = base
+            .pp("embed_tokens")
+            .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
+        let layers = (0..cfg.num_layers)
+            .map(|i| DecoderLayer::load(base.pp("layers").pp(i), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(base.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: RotaryEmbedding::new(&cfg.rope, cfg.head_dim, vb.device())?,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    pub fn device(&self) -> &Device {
+        self.embed_tokens.device()
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.embed_tokens.dtype()
+    }
+
+    /// A fresh, empty KV cache for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.layers.len())
+    }
+
+    /// Hidden states after the final norm, `[batch, seq, hidden]`, for `input_ids` `[batch, seq]`
+    /// at positions `cache.len()..` (or `0..` without a cache).
+    pub fn forward_hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        let start = cache.as_ref().map_or(0, |c| c.len());
+        let mut x = self
+            .embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, s, self.cfg.hidden_size))?;
+        let rope = self.rope.tables(start, s, x.dtype())?;
+        let mask = self.attention_mask(start, s, x.dtype())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let layer_cache = cache.as_deref_mut().map(|c| (c, i));
+            x = layer.forward(&x, &rope, mask.as_ref(), layer_cache)?;
+        }
+        self.norm.forward(&x)
+    }
+
+    /// Logits for every position, `[batch, seq, vocab]`, in f32.
+    pub fn forward(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        self.project(&self.forward_hidden(input_ids, cache)?)
+    }
+
+    /// Projects hidden states onto the vocabulary: logits in f32.
+    pub fn project(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+    }
+
+    /// Logits of the last position only, `[batch, vocab]`, in f32: what generation needs, without
+    /// projecting every prompt position onto the vocabulary.
+    pub fn forward_last(&self, input_ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let hidden = self.forward_hidden(input_ids, cache)?;
+        let s = hidden.dim(1)?;
+        self.project(&hidden.narrow(1, s - 1, 1)?.squeeze(1)?)
+    }
+
+    /// The additive causal mask `[seq, start + seq]` (with Mistral's sliding window), or `None`
+    /// when every cached position is visible (single-token decode).
+    fn attention_mask(&self, start: usize, s: usize, dtype: DType) -> Result<Option<Tensor>> {
+        let t = start + s;
+        let window = self.cfg.sliding_window;
+        if s == 1 && window.is_none_or(|w| t <= w) {
+            return Ok(None);
+        }
+        let mask: Vec<f32> = (0..s)
+            .flat_map(|i| {
+                let pos = start + i;
+                (0..t).map(move |j| {
+                    let visible = j <= pos && window.is_none_or(|w| pos - j < w);
+                    if visible { 0.0 } else { f32::NEG_INFINITY }
+                })
+            })
+            .collect();
+        Ok(Some(
+            Tensor::from_vec(mask, (s, t), self.device())?.to_dtype(dtype)?,
+        ))
+    }
+
+    /// Every linear layer with its module path as PEFT names it (`model.layers.0.self_attn.q_proj`,
+    /// `lm_head`); the LM head is shared with the embedding when tied, and then not listed.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            for (name, linear) in layer.linears_mut() {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
+        }
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head".to_string(), &mut self.lm_head));
+        }
+        out
+    }
+
+    /// Folds every attached LoRA update into its base weight.
+    pub fn merge_lora(&mut self) -> Result<()> {
+        for (_, linear) in self.linears_mut() {
+            linear.merge_lora()?;
+        }
+        Ok(())
+    }
+
+    /// Quantizes every decoder linear layer in place (the embedding and LM head stay dense).
+    pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
+        for (name, linear) in self.linears_mut() {
+            if name != "lm_head" {
+                linear.quantize(dtype)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Parameters as stored (the tied LM head counted once).
+    pub fn num_parameters(&self) -> usize {
+        self.cfg.num_parameters()
+    }
+}
