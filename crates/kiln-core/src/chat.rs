@@ -60,7 +60,11 @@ impl ChatTemplate {
     }
 
     /// Renders `messages` (a list of `{"role", "content", ...}` objects).
-    pub fn render<M: Serialize>(&self, messages: &M, add_generation_prompt: bool) -> Result<String> {
+    pub fn render<M: Serialize>(
+        &self,
+        messages: &M,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -72,7 +76,10 @@ impl ChatTemplate {
         };
         template.render(Value::from(Serde(&ctx))).map_err(|e| {
             // `raise_exception` messages come from the template author: show them as they are.
-            let detail = e.detail().map(str::to_string).unwrap_or_else(|| e.to_string());
+            let detail = e
+                .detail()
+                .map(str::to_string)
+                .unwrap_or_else(|| e.to_string());
             Error::ChatTemplate(match e.kind() {
                 ErrorKind::InvalidOperation => detail,
                 _ => format!("rendering failed: {e}"),
@@ -95,8 +102,18 @@ fn strftime_now(format: String) -> String {
 }
 
 const MONTHS: [&str; 12] = [
-    "January", "February", "March", "April", "May", "June", "July", "August", "September",
-    "October", "November", "December",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
 ];
 
 fn format_utc(secs: i64, format: &str) -> String {
@@ -171,13 +188,20 @@ mod tests {
         let err = t
             .render(&json!([{"role": "assistant", "content": "x"}]), true)
             .unwrap_err();
-        assert!(err.to_string().contains("Conversation must start with user"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("Conversation must start with user"),
+            "{err}"
+        );
     }
 
     #[test]
     fn formats_dates() {
         // 2024-07-26 13:05:09 UTC
-        assert_eq!(format_utc(1_722_085_509 - 86_400, "%d %b %Y %H:%M:%S"), "26 Jul 2024 13:05:09");
+        assert_eq!(
+            format_utc(1_722_085_509 - 86_400, "%d %b %Y %H:%M:%S"),
+            "26 Jul 2024 13:05:09"
+        );
         assert_eq!(format_utc(0, "%Y-%m-%d %B"), "1970-01-01 January");
     }
 }

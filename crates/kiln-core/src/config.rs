@@ -122,11 +122,17 @@ pub struct RawConfig {
     pub torch_dtype: Option<String>,
     #[serde(default)]
     pub dtype: Option<String>,
-    /// Mistral's window; Qwen2 uses it only with `use_sliding_window: true`.
-    #[serde(default)]
+    /// Mistral's window; Qwen2 uses it only with `use_sliding_window: true`. An explicit `null`
+    /// (`Some(Value::Null)`: no window) differs from an absent key (`None`: the default window).
+    #[serde(default, deserialize_with = "present")]
     pub sliding_window: Option<Value>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+}
+
+/// Keeps an explicit `null` as `Some(Value::Null)`, so it can be told apart from a missing key.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Option<Value>, D::Error> {
+    Value::deserialize(d).map(Some)
 }
 
 /// How rotary position embeddings stretch beyond the trained context.
@@ -134,7 +140,9 @@ pub struct RawConfig {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor` (transformers `rope_type: "linear"`).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1's frequency-dependent scaling.
     Llama3 {
         factor: f64,
@@ -210,7 +218,7 @@ impl ModelConfig {
         }
         let num_heads = raw.num_attention_heads;
         let num_kv_heads = raw.num_key_value_heads.unwrap_or(num_heads);
-        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !num_heads.is_multiple_of(num_kv_heads) {
             return Err(err(
                 "num_key_value_heads",
                 format!("{num_kv_heads} must divide num_attention_heads ({num_heads})"),
@@ -218,7 +226,7 @@ impl ModelConfig {
         }
         let head_dim = match raw.head_dim {
             Some(d) => d,
-            None if raw.hidden_size % num_heads == 0 => raw.hidden_size / num_heads,
+            None if raw.hidden_size.is_multiple_of(num_heads) => raw.hidden_size / num_heads,
             None => {
                 return Err(err(
                     "hidden_size",
@@ -253,11 +261,12 @@ impl ModelConfig {
                 None => Some(4096),
                 Some(v) => window_value(v, path)?,
             },
-            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => match &raw.sliding_window
-            {
-                None => Some(4096),
-                Some(v) => window_value(v, path)?,
-            },
+            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => {
+                match &raw.sliding_window {
+                    None => Some(4096),
+                    Some(v) => window_value(v, path)?,
+                }
+            }
             Architecture::Qwen2 => None,
         };
 
@@ -285,9 +294,19 @@ impl ModelConfig {
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             sliding_window,
-            bos_token_id: raw.bos_token_id.as_ref().and_then(|t| t.to_vec().first().copied()),
-            eos_token_ids: raw.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default(),
-            pad_token_id: raw.pad_token_id.as_ref().and_then(|t| t.to_vec().first().copied()),
+            bos_token_id: raw
+                .bos_token_id
+                .as_ref()
+                .and_then(|t| t.to_vec().first().copied()),
+            eos_token_ids: raw
+                .eos_token_id
+                .as_ref()
+                .map(TokenIds::to_vec)
+                .unwrap_or_default(),
+            pad_token_id: raw
+                .pad_token_id
+                .as_ref()
+                .and_then(|t| t.to_vec().first().copied()),
             dtype,
         })
     }
@@ -315,19 +334,17 @@ impl ModelConfig {
 }
 
 fn resolve_architecture(raw: &RawConfig, path: &Path) -> Result<Architecture> {
-    if let Some(names) = &raw.architectures {
-        if let Some(first) = names.first() {
-            return Architecture::from_hf_name(first).ok_or_else(|| {
-                Error::config(
-                    path,
-                    "architectures",
-                    format!(
-                        "unsupported architecture `{first}`; kiln supports {}",
-                        Architecture::SUPPORTED
-                    ),
-                )
-            });
-        }
+    if let Some(first) = raw.architectures.as_ref().and_then(|names| names.first()) {
+        return Architecture::from_hf_name(first).ok_or_else(|| {
+            Error::config(
+                path,
+                "architectures",
+                format!(
+                    "unsupported architecture `{first}`; kiln supports {}",
+                    Architecture::SUPPORTED
+                ),
+            )
+        });
     }
     match raw.model_type.as_deref() {
         Some(t) => Architecture::from_model_type(t).ok_or_else(|| {
@@ -352,7 +369,11 @@ fn window_value(v: &Value, path: &Path) -> Result<Option<usize>> {
     match v {
         Value::Null => Ok(None),
         Value::Number(n) => n.as_u64().map(|w| Some(w as usize)).ok_or_else(|| {
-            Error::config(path, "sliding_window", format!("expected a positive integer, found {n}"))
+            Error::config(
+                path,
+                "sliding_window",
+                format!("expected a positive integer, found {n}"),
+            )
         }),
         other => Err(Error::config(
             path,
@@ -412,7 +433,11 @@ fn resolve_rope(raw: &RawConfig, path: &Path) -> Result<RopeConfig> {
         match obj.get(field) {
             None | Some(Value::Null) => Ok(None),
             Some(v) => v.as_f64().map(Some).ok_or_else(|| {
-                Error::config(path, &format!("{key}.{field}"), format!("expected a number, found {v}"))
+                Error::config(
+                    path,
+                    &format!("{key}.{field}"),
+                    format!("expected a number, found {v}"),
+                )
             }),
         }
     };
@@ -540,25 +565,41 @@ mod tests {
 
     #[test]
     fn qwen2_has_qkv_bias_and_mistral_a_window() {
-        let q = parse(&format!(r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}}}"#)).expect("qwen2");
+        let q = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}}}"#
+        ))
+        .expect("qwen2");
         assert!(q.qkv_bias && !q.o_bias && q.sliding_window.is_none());
-        let m = parse(&format!(r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": 256}}"#))
-            .expect("mistral");
+        let m = parse(&format!(
+            r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": 256}}"#
+        ))
+        .expect("mistral");
         assert_eq!(m.sliding_window, Some(256));
-        let m = parse(&format!(r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": null}}"#))
-            .expect("mistral");
+        let m = parse(&format!(
+            r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": null}}"#
+        ))
+        .expect("mistral");
         assert_eq!(m.sliding_window, None);
     }
 
     #[test]
     fn errors_name_the_key() {
-        let e = parse(&format!(r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#)).unwrap_err();
-        assert!(e.to_string().contains("`architectures`") && e.to_string().contains("GPT2LMHeadModel"), "{e}");
+        let e = parse(&format!(
+            r#"{{"architectures": ["GPT2LMHeadModel"], {BASE}}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("`architectures`") && e.to_string().contains("GPT2LMHeadModel"),
+            "{e}"
+        );
         let e = parse(&format!(
             r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"rope_type": "yarn", "factor": 4.0}}}}"#
         ))
         .unwrap_err();
-        assert!(e.to_string().contains("rope_scaling.rope_type") && e.to_string().contains("yarn"), "{e}");
+        assert!(
+            e.to_string().contains("rope_scaling.rope_type") && e.to_string().contains("yarn"),
+            "{e}"
+        );
         let e = parse(&format!(
             r#"{{"architectures": ["LlamaForCausalLM"], {BASE}, "rope_scaling": {{"rope_type": "linear"}}}}"#
         ))

@@ -164,7 +164,9 @@ pub fn hf_cache_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("HF_HOME") {
         return PathBuf::from(home).join("hub");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
     home.join(".cache").join("huggingface").join("hub")
 }
 
@@ -191,6 +193,9 @@ mod tests {
         let cache = tempfile::tempdir().expect("tempdir");
         let err = ModelDir::from_hf_cache("acme/absent", cache.path()).unwrap_err();
         let msg = err.to_string();
-        assert!(msg.contains("models--acme--absent") && msg.contains("does not download"), "{msg}");
+        assert!(
+            msg.contains("models--acme--absent") && msg.contains("does not download"),
+            "{msg}"
+        );
     }
 }

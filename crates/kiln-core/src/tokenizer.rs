@@ -114,7 +114,8 @@ impl Tokenizer {
 
     /// The id of the tokenizer's own EOS token.
     pub fn eos_token_id(&self) -> Option<u32> {
-        self.special_token("eos_token").and_then(|t| self.token_id(t))
+        self.special_token("eos_token")
+            .and_then(|t| self.token_id(t))
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -175,7 +176,11 @@ fn inline_template(config: &Value, path: &Path) -> Result<Option<String>> {
                 })
             };
             named("default").map(Some).ok_or_else(|| {
-                Error::config(path, "chat_template", "a list of templates without one named `default`")
+                Error::config(
+                    path,
+                    "chat_template",
+                    "a list of templates without one named `default`",
+                )
             })
         }
         Some(other) => Err(Error::config(
@@ -194,18 +199,23 @@ pub struct IncrementalDecoder {
     ids: Vec<u32>,
     prefix_offset: usize,
     read_offset: usize,
+    skip_special_tokens: bool,
 }
 
 impl IncrementalDecoder {
-    pub fn new() -> Self {
-        Self::default()
+    pub fn new(skip_special_tokens: bool) -> Self {
+        Self {
+            skip_special_tokens,
+            ..Self::default()
+        }
     }
 
     /// Adds a token; returns the new text it completes, if any.
     pub fn push(&mut self, tokenizer: &Tokenizer, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], true)?;
-        let full = tokenizer.decode(&self.ids[self.prefix_offset..], true)?;
+        let skip = self.skip_special_tokens;
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset], skip)?;
+        let full = tokenizer.decode(&self.ids[self.prefix_offset..], skip)?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let delta = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;

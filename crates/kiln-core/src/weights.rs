@@ -22,7 +22,10 @@ pub struct SafetensorsWeights {
 impl std::fmt::Debug for SafetensorsWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SafetensorsWeights")
-            .field("files", &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.index.len())
             .finish()
     }
@@ -93,7 +96,10 @@ impl SafetensorsWeights {
         let tensor = self.load(name, dtype, device)?;
         if tensor.dims() != shape.dims() {
             return Err(Error::TensorShape {
-                file: self.file_of(name).map(Path::to_path_buf).unwrap_or_default(),
+                file: self
+                    .file_of(name)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
                 name: name.to_string(),
                 expected: shape.dims().to_vec(),
                 found: tensor.dims().to_vec(),
@@ -137,10 +143,12 @@ fn map_file(path: &Path) -> Result<MmapedSafetensors> {
     }
     // SAFETY: the mapping is read-only; like every memory-mapped loader (transformers included)
     // we rely on the file not being truncated by another process while the model is loaded.
-    unsafe { MmapedSafetensors::new(path) }.map_err(|e| Error::InvalidInput(format!(
-        "{}: not a valid safetensors file: {e}",
-        path.display()
-    )))
+    unsafe { MmapedSafetensors::new(path) }.map_err(|e| {
+        Error::InvalidInput(format!(
+            "{}: not a valid safetensors file: {e}",
+            path.display()
+        ))
+    })
 }
 
 fn to_candle(e: Error) -> candle_core::Error {

@@ -23,12 +23,22 @@ pub struct Perplexity {
 }
 
 /// Scores `ids` in windows of at most `window` tokens advancing by `stride`.
-pub fn perplexity(model: &CausalLm, ids: &[u32], window: usize, stride: usize) -> Result<Perplexity> {
+pub fn perplexity(
+    model: &CausalLm,
+    ids: &[u32],
+    window: usize,
+    stride: usize,
+) -> Result<Perplexity> {
     if ids.len() < 2 {
-        candle_core::bail!("perplexity needs at least 2 tokens, the text has {}", ids.len());
+        candle_core::bail!(
+            "perplexity needs at least 2 tokens, the text has {}",
+            ids.len()
+        );
     }
     if window < 2 || stride == 0 || stride > window {
-        candle_core::bail!("invalid window {window} / stride {stride}: need 2 <= window and 0 < stride <= window");
+        candle_core::bail!(
+            "invalid window {window} / stride {stride}: need 2 <= window and 0 < stride <= window"
+        );
     }
     let device = model.device();
     let mut total_nll = 0.0f64;
@@ -46,7 +56,10 @@ pub fn perplexity(model: &CausalLm, ids: &[u32], window: usize, stride: usize) -
             let logits = model.project(&hidden.narrow(0, p - 1 - begin, n)?)?;
             let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
             let targets = Tensor::new(&ids[p..p + n], device)?.unsqueeze(1)?;
-            let picked = log_probs.gather(&targets, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+            let picked = log_probs
+                .gather(&targets, 1)?
+                .squeeze(1)?
+                .to_vec1::<f32>()?;
             total_nll -= picked.iter().map(|&x| f64::from(x)).sum::<f64>();
             p += n;
         }

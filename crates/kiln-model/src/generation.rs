@@ -59,7 +59,9 @@ pub fn generate(
     }
     let vocab = model.config().vocab_size;
     if let Some(&bad) = prompt_ids.iter().find(|&&t| t as usize >= vocab) {
-        candle_core::bail!("prompt token id {bad} is outside the model's vocabulary ({vocab} entries)");
+        candle_core::bail!(
+            "prompt token id {bad} is outside the model's vocabulary ({vocab} entries)"
+        );
     }
     let device = model.device();
     let mut sampler = Sampler::new(params.sampling.clone());
@@ -70,7 +72,10 @@ pub fn generate(
     let mut input = prompt_ids.to_vec();
     while generated.len() < params.max_new_tokens {
         let ids = Tensor::new(input.as_slice(), device)?.unsqueeze(0)?;
-        let logits = model.forward_last(&ids, cache.as_mut())?.squeeze(0)?.to_vec1::<f32>()?;
+        let logits = model
+            .forward_last(&ids, cache.as_mut())?
+            .squeeze(0)?
+            .to_vec1::<f32>()?;
         let next = sampler.sample(&logits, &history);
         history.push(next);
         generated.push(next);
@@ -81,7 +86,11 @@ pub fn generate(
                 finish_reason: FinishReason::Stop,
             });
         }
-        input = if cache.is_some() { vec![next] } else { history.clone() };
+        input = if cache.is_some() {
+            vec![next]
+        } else {
+            history.clone()
+        };
     }
     Ok(Generation {
         token_ids: generated,

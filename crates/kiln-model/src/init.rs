@@ -43,11 +43,19 @@ pub fn parameter_shapes(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, ParamKind
         linear("mlp.up_proj", i, h, cfg.mlp_bias);
         linear("mlp.down_proj", h, i, cfg.mlp_bias);
         out.push((format!("{p}.input_layernorm.weight"), vec![h], Norm));
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h], Norm));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Norm,
+        ));
     }
     out.push(("model.norm.weight".to_string(), vec![h], Norm));
     if !cfg.tie_word_embeddings {
-        out.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h], Weight));
+        out.push((
+            "lm_head.weight".to_string(),
+            vec![cfg.vocab_size, h],
+            Weight,
+        ));
     }
     out
 }

@@ -45,7 +45,12 @@ impl KvCache {
 
     /// Appends `k`, `v` (`[batch, kv_heads, seq, head_dim]`) to `layer`'s cache and returns views
     /// of every cached position.
-    pub(crate) fn append(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(crate) fn append(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let cache = self
             .layers
             .get_mut(layer)

@@ -37,26 +37,31 @@ pub struct Linear {
 
 impl Linear {
     /// Loads `weight` (and `bias` when asked) under `vb`.
-    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, bias: bool) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Self> {
         let weight = vb.get((out_features, in_features), "weight")?;
         let bias = if bias {
             Some(vb.get(out_features, "bias")?)
         } else {
             None
         };
-        Ok(Self::new(weight, bias))
+        Self::new(weight, bias)
     }
 
     /// A dense layer from a `[out, in]` weight.
-    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        let (out_features, in_features) = weight.dims2().unwrap_or((0, 0));
-        Self {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (out_features, in_features) = weight.dims2()?;
+        Ok(Self {
             weight: LinearWeight::Dense(weight),
             bias,
             lora: None,
             in_features,
             out_features,
-        }
+        })
     }
 
     pub fn in_features(&self) -> usize {
@@ -104,7 +109,11 @@ impl Linear {
 
     /// The LoRA delta `scale · B·A` as a `[out, in]` matrix.
     fn lora_delta(lora: &LoraLayer, dtype: DType) -> Result<Tensor> {
-        (lora.b.to_dtype(DType::F32)?.matmul(&lora.a.to_dtype(DType::F32)?)? * lora.scale)?
+        (lora
+            .b
+            .to_dtype(DType::F32)?
+            .matmul(&lora.a.to_dtype(DType::F32)?)?
+            * lora.scale)?
             .to_dtype(dtype)
     }
 
@@ -122,7 +131,9 @@ impl Linear {
             }
             LinearWeight::Quantized(_) => {
                 self.lora = Some(lora);
-                candle_core::bail!("cannot merge a LoRA adapter into a quantized weight; apply it unmerged")
+                candle_core::bail!(
+                    "cannot merge a LoRA adapter into a quantized weight; apply it unmerged"
+                )
             }
         }
     }
@@ -184,7 +195,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
-        let mut layer = Linear::new(w.clone(), Some(b));
+        let mut layer = Linear::new(w.clone(), Some(b))?;
         layer.set_lora(LoraLayer {
             a: Tensor::randn(0f32, 1.0, (4, 16), &dev)?,
             b: Tensor::randn(0f32, 1.0, (24, 4), &dev)?,
@@ -196,7 +207,7 @@ mod tests {
         let merged = layer.forward(&x)?;
         assert!(max_diff(&unmerged, &merged) < 1e-4);
         // And the LoRA path really changed the output.
-        let base = Linear::new(w, layer.bias().cloned()).forward(&x)?;
+        let base = Linear::new(w, layer.bias().cloned())?.forward(&x)?;
         assert!(max_diff(&base, &merged) > 1e-2);
         Ok(())
     }
@@ -204,7 +215,7 @@ mod tests {
     #[test]
     fn misshaped_lora_is_rejected_with_shapes() -> Result<()> {
         let dev = Device::Cpu;
-        let mut layer = Linear::new(Tensor::zeros((24, 16), DType::F32, &dev)?, None);
+        let mut layer = Linear::new(Tensor::zeros((24, 16), DType::F32, &dev)?, None)?;
         let err = layer
             .set_lora(LoraLayer {
                 a: Tensor::zeros((4, 8), DType::F32, &dev)?,
@@ -221,7 +232,7 @@ mod tests {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 0.05, (64, 256), &dev)?;
         let x = Tensor::randn(0f32, 1.0, (1, 5, 256), &dev)?;
-        let mut layer = Linear::new(w, None);
+        let mut layer = Linear::new(w, None)?;
         let dense = layer.forward(&x)?;
         layer.quantize(GgmlDType::Q8_0)?;
         let quant = layer.forward(&x)?;

@@ -73,16 +73,23 @@ impl LoraConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
         let raw: RawLoraConfig = kiln_core::read_json(path)?;
         let err = |key: &str, msg: String| Error::config(path, key, msg);
-        if let Some(t) = &raw.peft_type {
-            if t != "LORA" {
-                return Err(err("peft_type", format!("`{t}` is not supported (kiln reads LORA adapters)")));
-            }
+        if let Some(t) = raw.peft_type.as_ref().filter(|t| *t != "LORA") {
+            return Err(err(
+                "peft_type",
+                format!("`{t}` is not supported (kiln reads LORA adapters)"),
+            ));
         }
         if raw.use_dora {
-            return Err(err("use_dora", "DoRA adapters are not supported yet".into()));
+            return Err(err(
+                "use_dora",
+                "DoRA adapters are not supported yet".into(),
+            ));
         }
         if raw.fan_in_fan_out {
-            return Err(err("fan_in_fan_out", "true is for GPT-2 style Conv1D layers, which kiln's models do not have".into()));
+            return Err(err(
+                "fan_in_fan_out",
+                "true is for GPT-2 style Conv1D layers, which kiln's models do not have".into(),
+            ));
         }
         if let Some(m) = raw.modules_to_save.as_ref().filter(|m| !m.is_empty()) {
             return Err(err(
@@ -101,7 +108,10 @@ impl LoraConfig {
                     .iter()
                     .map(|v| {
                         v.as_str().map(str::to_string).ok_or_else(|| {
-                            err("target_modules", format!("expected module names, found {v}"))
+                            err(
+                                "target_modules",
+                                format!("expected module names, found {v}"),
+                            )
                         })
                     })
                     .collect::<Result<_>>()?,
@@ -141,7 +151,11 @@ impl LoraConfig {
     pub fn scale_for(&self, path: &str) -> f64 {
         let r = pattern_value(&self.rank_pattern, path).unwrap_or(self.r) as f64;
         let alpha = pattern_value(&self.alpha_pattern, path).unwrap_or(self.lora_alpha);
-        if self.use_rslora { alpha / r.sqrt() } else { alpha / r }
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
     }
 }
 
@@ -156,7 +170,8 @@ fn regex_full_match(pattern: &str, path: &str) -> bool {
 /// PEFT's `get_pattern_key`: a pattern key applies to a module whose path ends with it.
 fn pattern_value<T: Copy>(patterns: &BTreeMap<String, T>, path: &str) -> Option<T> {
     patterns.iter().find_map(|(key, &value)| {
-        let matches = regex::Regex::new(&format!("(^|.*\\.){key}$")).is_ok_and(|re| re.is_match(path));
+        let matches =
+            regex::Regex::new(&format!("(^|.*\\.){key}$")).is_ok_and(|re| re.is_match(path));
         matches.then_some(value)
     })
 }
@@ -189,7 +204,9 @@ impl LoraAdapter {
             } else {
                 ""
             };
-            return Err(adapter_err(format!("missing adapter_model.safetensors{hint}")));
+            return Err(adapter_err(format!(
+                "missing adapter_model.safetensors{hint}"
+            )));
         }
         let weights = SafetensorsWeights::open(std::slice::from_ref(&weights_path))?;
 
@@ -225,7 +242,10 @@ impl LoraAdapter {
             }
         }
         if modules.is_empty() {
-            return Err(adapter_err(format!("{} holds no LoRA weights", weights_path.display())));
+            return Err(adapter_err(format!(
+                "{} holds no LoRA weights",
+                weights_path.display()
+            )));
         }
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -241,7 +261,8 @@ impl LoraAdapter {
             path: self.dir.clone(),
             message,
         };
-        let mut linears: BTreeMap<String, &mut crate::linear::Linear> = model.linears_mut().into_iter().collect();
+        let mut linears: BTreeMap<String, &mut crate::linear::Linear> =
+            model.linears_mut().into_iter().collect();
         if let TargetModules::Names(names) = &self.config.target_modules {
             for name in names {
                 if !linears.keys().any(|path| suffix_match(path, name)) {
@@ -258,7 +279,9 @@ impl LoraAdapter {
         }
         for (module, (a, b)) in &self.modules {
             let linear = linears.get_mut(module).ok_or_else(|| {
-                err(format!("adapter weights target `{module}`, which does not exist in the model"))
+                err(format!(
+                    "adapter weights target `{module}`, which does not exist in the model"
+                ))
             })?;
             let r = a.dim(0)?;
             let (in_f, out_f) = (linear.in_features(), linear.out_features());
@@ -320,7 +343,9 @@ mod tests {
         assert!(!c.targets("model.layers.0.self_attn.k_proj"));
         assert!(!c.targets("model.layers.0.self_attn.xq_proj"));
         let c = config(TargetModules::Regex(r".*\.layers\.1\..*proj".into()));
-        assert!(c.targets("model.layers.1.mlp.up_proj") && !c.targets("model.layers.0.mlp.up_proj"));
+        assert!(
+            c.targets("model.layers.1.mlp.up_proj") && !c.targets("model.layers.0.mlp.up_proj")
+        );
         let c = config(TargetModules::AllLinear);
         assert!(c.targets("model.layers.3.mlp.down_proj") && !c.targets("lm_head"));
     }
@@ -331,6 +356,8 @@ mod tests {
         assert_eq!(c.scale_for("model.layers.0.self_attn.q_proj"), 2.0);
         assert_eq!(c.scale_for("model.layers.0.self_attn.v_proj"), 4.0);
         c.use_rslora = true;
-        assert!((c.scale_for("model.layers.0.self_attn.q_proj") - 16.0 / 8f64.sqrt()).abs() < 1e-12);
+        assert!(
+            (c.scale_for("model.layers.0.self_attn.q_proj") - 16.0 / 8f64.sqrt()).abs() < 1e-12
+        );
     }
 }

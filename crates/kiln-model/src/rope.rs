@@ -107,8 +107,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn llama3_scaling_matches_transformers() {
-        // Values from transformers' `_compute_llama3_parameters` for Llama 3.1 8B (head_dim 128).
+    fn llama3_scaling_keeps_high_divides_low_and_smooths_the_middle() {
+        // Llama 3.1 8B's settings (head_dim 128).
         let rope = RopeConfig {
             theta: 500_000.0,
             scaling: RopeScaling::Llama3 {
@@ -121,12 +121,18 @@ mod tests {
         let f = inverse_frequencies(&rope, 128);
         // High frequencies untouched, low ones divided by the factor, the middle band smoothed.
         assert_eq!(f[0], 1.0);
-        let plain = inverse_frequencies(&RopeConfig { theta: 500_000.0, scaling: RopeScaling::None }, 128);
+        let plain = inverse_frequencies(
+            &RopeConfig {
+                theta: 500_000.0,
+                scaling: RopeScaling::None,
+            },
+            128,
+        );
         assert!((f[63] - plain[63] / 8.0).abs() < 1e-15);
         let mid = (0..64)
             .find(|&i| {
                 let w = 2.0 * std::f64::consts::PI / plain[i];
-                w >= 8192.0 / 4.0 && w <= 8192.0
+                (8192.0 / 4.0..=8192.0).contains(&w)
             })
             .expect("a medium-frequency band exists");
         assert!(f[mid] < plain[mid] && f[mid] > plain[mid] / 8.0);
@@ -135,7 +141,10 @@ mod tests {
     #[test]
     fn fused_and_differentiable_paths_agree() -> Result<()> {
         let dev = Device::Cpu;
-        let rope = RopeConfig { theta: 10_000.0, scaling: RopeScaling::None };
+        let rope = RopeConfig {
+            theta: 10_000.0,
+            scaling: RopeScaling::None,
+        };
         let tables = RotaryEmbedding::new(&rope, 16, &dev)?.tables(7, 5, DType::F32)?;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 5, 16), &dev)?;
         let fused = tables.apply(&x)?;

@@ -46,7 +46,10 @@ impl SamplingParams {
     /// Checks every field against its range; the message names the field and the range.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return Err(format!(
+                "temperature must be >= 0, got {}",
+                self.temperature
+            ));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
@@ -94,7 +97,11 @@ impl Sampler {
                 }
             }
             for (l, _) in logits.iter_mut().zip(&seen).filter(|(_, s)| **s) {
-                *l = if *l < 0.0 { *l * p.repetition_penalty } else { *l / p.repetition_penalty };
+                *l = if *l < 0.0 {
+                    *l * p.repetition_penalty
+                } else {
+                    *l / p.repetition_penalty
+                };
             }
         }
         if p.temperature == 0.0 {
@@ -102,7 +109,9 @@ impl Sampler {
         }
 
         // Candidates sorted by logit, best first; filters shrink this list.
-        let mut order: Vec<usize> = (0..logits.len()).filter(|&i| logits[i].is_finite()).collect();
+        let mut order: Vec<usize> = (0..logits.len())
+            .filter(|&i| logits[i].is_finite())
+            .collect();
         if order.is_empty() {
             return argmax(&logits);
         }
@@ -199,12 +208,33 @@ mod tests {
     #[test]
     fn top_k_and_top_p_and_min_p_cut_the_tail() {
         let logits = [2.0f32, 1.9, 0.0, -1.0];
-        let c = counts(SamplingParams { top_k: 2, ..Default::default() }, &logits, 2000);
+        let c = counts(
+            SamplingParams {
+                top_k: 2,
+                ..Default::default()
+            },
+            &logits,
+            2000,
+        );
         assert!(c[2] == 0 && c[3] == 0 && c[0] > 0 && c[1] > 0, "{c:?}");
         // p(0) ≈ 0.47, p(0)+p(1) ≈ 0.90: top_p 0.5 keeps two tokens.
-        let c = counts(SamplingParams { top_p: 0.5, ..Default::default() }, &logits, 2000);
+        let c = counts(
+            SamplingParams {
+                top_p: 0.5,
+                ..Default::default()
+            },
+            &logits,
+            2000,
+        );
         assert!(c[2] == 0 && c[3] == 0 && c[1] > 0, "{c:?}");
-        let c = counts(SamplingParams { min_p: 0.5, ..Default::default() }, &logits, 2000);
+        let c = counts(
+            SamplingParams {
+                min_p: 0.5,
+                ..Default::default()
+            },
+            &logits,
+            2000,
+        );
         assert!(c[2] == 0 && c[3] == 0, "{c:?}");
     }
 
@@ -214,16 +244,42 @@ mod tests {
         let c = counts(SamplingParams::default(), &logits, 4000);
         let share = c[1] as f64 / 4000.0;
         assert!((share - 0.75).abs() < 0.03, "{share}");
-        let a = counts(SamplingParams { seed: 7, ..Default::default() }, &[0.0; 50], 100);
-        let b = counts(SamplingParams { seed: 7, ..Default::default() }, &[0.0; 50], 100);
-        let d = counts(SamplingParams { seed: 8, ..Default::default() }, &[0.0; 50], 100);
+        let a = counts(
+            SamplingParams {
+                seed: 7,
+                ..Default::default()
+            },
+            &[0.0; 50],
+            100,
+        );
+        let b = counts(
+            SamplingParams {
+                seed: 7,
+                ..Default::default()
+            },
+            &[0.0; 50],
+            100,
+        );
+        let d = counts(
+            SamplingParams {
+                seed: 8,
+                ..Default::default()
+            },
+            &[0.0; 50],
+            100,
+        );
         assert_eq!(a, b);
         assert_ne!(a, d);
     }
 
     #[test]
     fn validation_names_the_field() {
-        let e = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
+        let e = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.contains("top_p"));
     }
 }

@@ -33,7 +33,9 @@ impl RmsNorm {
         if x.track_op() || self.weight.track_op() {
             let dtype = x.dtype();
             let x32 = x.to_dtype(DType::F32)?;
-            let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?.sqrt()?.recip()?;
+            let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+                .sqrt()?
+                .recip()?;
             x32.broadcast_mul(&inv_rms)?
                 .to_dtype(dtype)?
                 .broadcast_mul(&self.weight)
@@ -160,7 +162,11 @@ impl DecoderLayer {
         Ok(Self {
             self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
             mlp: Mlp::load(vb.pp("mlp"), cfg)?,
-            input_layernorm: RmsNorm::load(vb.pp("input_layernorm"), cfg.hidden_size, cfg.rms_norm_eps)?,
+            input_layernorm: RmsNorm::load(
+                vb.pp("input_layernorm"),
+                cfg.hidden_size,
+                cfg.rms_norm_eps,
+            )?,
             post_attention_layernorm: RmsNorm::load(
                 vb.pp("post_attention_layernorm"),
                 cfg.hidden_size,
@@ -176,8 +182,13 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, cache)?)?;
-        &h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?
+        let h =
+            (x + self
+                .self_attn
+                .forward(&self.input_layernorm.forward(x)?, rope, mask, cache)?)?;
+        &h + self
+            .mlp
+            .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 
     fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
@@ -217,7 +228,7 @@ impl CausalLm {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(base.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
-            Linear::new(embed_tokens.clone(), None)
+            Linear::new(embed_tokens.clone(), None)?
         } else {
             Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
@@ -250,8 +261,15 @@ impl CausalLm {
 
     /// Hidden states after the final norm, `[batch, seq, hidden]`, for `input_ids` `[batch, seq]`
     /// at positions `cache.len()..` (or `0..` without a cache).
-    pub fn forward_hidden(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        mut cache: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
+        if s == 0 {
+            candle_core::bail!("forward pass over an empty sequence: input_ids has shape [{b}, 0]");
+        }
         let start = cache.as_ref().map_or(0, |c| c.len());
         let mut x = self
             .embed_tokens

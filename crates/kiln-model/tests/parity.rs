@@ -1,6 +1,7 @@
 //! kiln against transformers and PEFT: the reference outputs in testdata/hf were computed by
 //! transformers 5.24 / PEFT 0.21 in float32 on CPU. Tolerances are the fixtures' own: logits
 //! within 1e-4 absolute, NLL and summed log-probs within 1e-4 relative, greedy ids equal.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -11,8 +12,17 @@ use kiln_model::{GenerateParams, LoadOptions, LoadedModel, SamplingParams, gener
 const LOGIT_TOL: f32 = 1e-4;
 
 fn last_logits(m: &LoadedModel, prompt: &[u32]) -> Vec<f32> {
-    let ids = Tensor::new(prompt, m.model.device()).unwrap().unsqueeze(0).unwrap();
-    m.model.forward_last(&ids, None).unwrap().squeeze(0).unwrap().to_vec1().unwrap()
+    let ids = Tensor::new(prompt, m.model.device())
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    m.model
+        .forward_last(&ids, None)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn greedy(m: &LoadedModel, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<u32> {
@@ -23,7 +33,9 @@ fn greedy(m: &LoadedModel, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<
         ignore_eos: true,
         use_kv_cache,
     };
-    generate(&m.model, prompt, &params, |_| {}).unwrap().token_ids
+    generate(&m.model, prompt, &params, |_| {})
+        .unwrap()
+        .token_ids
 }
 
 #[test]
@@ -33,7 +45,10 @@ fn tokenizer_encodes_and_decodes_like_transformers() {
         let text = case["text"].as_str().unwrap();
         let ids = m.tokenizer.encode(text, true).unwrap();
         assert_eq!(ids, common::ids(&case["ids"]), "ids of {text:?}");
-        assert_eq!(m.tokenizer.decode(&ids, true).unwrap(), case["decoded"].as_str().unwrap());
+        assert_eq!(
+            m.tokenizer.decode(&ids, true).unwrap(),
+            case["decoded"].as_str().unwrap()
+        );
     }
 }
 
@@ -43,7 +58,10 @@ fn chat_template_renders_like_apply_chat_template() {
     let chat = &expected(&llama_dir())["chat"];
     let text = m
         .tokenizer
-        .apply_chat_template(&chat["messages"], chat["add_generation_prompt"].as_bool().unwrap())
+        .apply_chat_template(
+            &chat["messages"],
+            chat["add_generation_prompt"].as_bool().unwrap(),
+        )
         .unwrap();
     assert_eq!(text, chat["text"].as_str().unwrap());
     assert_eq!(m.tokenizer.encode(&text, false).unwrap(), ids(&chat["ids"]));
@@ -65,8 +83,16 @@ fn greedy_ids_match_with_and_without_kv_cache() {
     for case in expected(&llama_dir())["greedy"].as_array().unwrap() {
         let prompt = ids(&case["prompt_ids"]);
         let want = ids(&case["new_ids"]);
-        assert_eq!(greedy(&m, &prompt, want.len(), true), want, "cached, prompt {prompt:?}");
-        assert_eq!(greedy(&m, &prompt, want.len(), false), want, "uncached, prompt {prompt:?}");
+        assert_eq!(
+            greedy(&m, &prompt, want.len(), true),
+            want,
+            "cached, prompt {prompt:?}"
+        );
+        assert_eq!(
+            greedy(&m, &prompt, want.len(), false),
+            want,
+            "uncached, prompt {prompt:?}"
+        );
     }
 }
 
@@ -80,8 +106,18 @@ fn kv_cache_logits_equal_full_recompute() {
     let prefill = Tensor::new(&seq[..4], dev).unwrap().unsqueeze(0).unwrap();
     m.model.forward_last(&prefill, Some(&mut cache)).unwrap();
     for t in 4..seq.len() {
-        let step = Tensor::new(&seq[t..t + 1], dev).unwrap().unsqueeze(0).unwrap();
-        let cached: Vec<f32> = m.model.forward_last(&step, Some(&mut cache)).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+        let step = Tensor::new(&seq[t..t + 1], dev)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let cached: Vec<f32> = m
+            .model
+            .forward_last(&step, Some(&mut cache))
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let full = last_logits(&m, &seq[..=t]);
         assert!(max_abs_diff(&cached, &full) < 1e-5, "step {t}");
     }
@@ -92,13 +128,23 @@ fn kv_cache_logits_equal_full_recompute() {
 fn perplexity_matches_labels_equal_input_ids() {
     let m = load(&llama_dir());
     let case = &expected(&llama_dir())["perplexity"];
-    let text_ids = m.tokenizer.encode(case["text"].as_str().unwrap(), true).unwrap();
+    let text_ids = m
+        .tokenizer
+        .encode(case["text"].as_str().unwrap(), true)
+        .unwrap();
     assert_eq!(text_ids, ids(&case["ids"]));
     let p = perplexity(&m.model, &text_ids, 512, 256).unwrap();
     let want = case["mean_nll"].as_f64().unwrap();
-    assert!(((p.mean_nll - want) / want).abs() < 1e-4, "{} vs {want}", p.mean_nll);
+    assert!(
+        ((p.mean_nll - want) / want).abs() < 1e-4,
+        "{} vs {want}",
+        p.mean_nll
+    );
     assert!(((p.perplexity - case["ppl"].as_f64().unwrap()) / p.perplexity).abs() < 1e-3);
-    assert_eq!((p.tokens, p.predicted_tokens), (text_ids.len(), text_ids.len() - 1));
+    assert_eq!(
+        (p.tokens, p.predicted_tokens),
+        (text_ids.len(), text_ids.len() - 1)
+    );
 }
 
 #[test]
@@ -114,11 +160,18 @@ fn windowed_perplexity_scores_each_token_once_with_the_window_context() {
         let ctx_start = p.saturating_sub(window - 1);
         let logits = last_logits(&m, &ids[ctx_start..p]);
         let t = Tensor::new(logits.as_slice(), m.model.device()).unwrap();
-        let lp: Vec<f32> = candle_nn::ops::log_softmax(&t, D::Minus1).unwrap().to_vec1().unwrap();
+        let lp: Vec<f32> = candle_nn::ops::log_softmax(&t, D::Minus1)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         nll -= f64::from(lp[ids[p] as usize]);
     }
     let want = nll / (ids.len() - 1) as f64;
-    assert!((got.mean_nll - want).abs() < 1e-5, "{} vs {want}", got.mean_nll);
+    assert!(
+        (got.mean_nll - want).abs() < 1e-5,
+        "{} vs {want}",
+        got.mean_nll
+    );
     // And a short window really changes the answer (the test above would catch a no-op).
     let full = perplexity(&m.model, &ids, 512, 256).unwrap();
     assert!((full.mean_nll - got.mean_nll).abs() > 1e-3);
@@ -128,16 +181,34 @@ fn windowed_perplexity_scores_each_token_once_with_the_window_context() {
 fn completion_log_probs_match_trl() {
     let m = load(&llama_dir());
     let dev = m.model.device();
-    for case in expected(&llama_dir())["completion_logps"].as_array().unwrap() {
-        let prompt_len = m.tokenizer.encode(case["prompt"].as_str().unwrap(), false).unwrap().len();
+    for case in expected(&llama_dir())["completion_logps"]
+        .as_array()
+        .unwrap()
+    {
+        let prompt_len = m
+            .tokenizer
+            .encode(case["prompt"].as_str().unwrap(), false)
+            .unwrap()
+            .len();
         for side in ["chosen", "rejected"] {
             let seq = ids(&case[format!("{side}_ids")]);
-            let input = Tensor::new(seq.as_slice(), dev).unwrap().unsqueeze(0).unwrap();
+            let input = Tensor::new(seq.as_slice(), dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
             let logits = m.model.forward(&input, None).unwrap().squeeze(0).unwrap();
-            let lp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1).unwrap().to_vec2().unwrap();
-            let sum: f64 = (prompt_len..seq.len()).map(|p| f64::from(lp[p - 1][seq[p] as usize])).sum();
+            let lp: Vec<Vec<f32>> = candle_nn::ops::log_softmax(&logits, D::Minus1)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            let sum: f64 = (prompt_len..seq.len())
+                .map(|p| f64::from(lp[p - 1][seq[p] as usize]))
+                .sum();
             let want = case[format!("{side}_logps")].as_f64().unwrap();
-            assert!(((sum - want) / want).abs() < 1e-4, "{side}: {sum} vs {want}");
+            assert!(
+                ((sum - want) / want).abs() < 1e-4,
+                "{side}: {sum} vs {want}"
+            );
         }
     }
 }
@@ -153,12 +224,22 @@ fn lora_adapter_matches_peft_unmerged_and_merged() {
         };
         let m = LoadedModel::load(llama_dir().to_str().unwrap(), &options).unwrap();
         for case in exp["last_logits"].as_array().unwrap() {
-            let diff = max_abs_diff(&last_logits(&m, &ids(&case["prompt_ids"])), &floats(&case["logits"]));
-            assert!(diff < LOGIT_TOL, "merge={merge_adapter}: max |Δlogit| = {diff}");
+            let diff = max_abs_diff(
+                &last_logits(&m, &ids(&case["prompt_ids"])),
+                &floats(&case["logits"]),
+            );
+            assert!(
+                diff < LOGIT_TOL,
+                "merge={merge_adapter}: max |Δlogit| = {diff}"
+            );
         }
         for case in exp["greedy"].as_array().unwrap() {
             let want = ids(&case["new_ids"]);
-            assert_eq!(greedy(&m, &ids(&case["prompt_ids"]), want.len(), true), want, "merge={merge_adapter}");
+            assert_eq!(
+                greedy(&m, &ids(&case["prompt_ids"]), want.len(), true),
+                want,
+                "merge={merge_adapter}"
+            );
         }
     }
 }
@@ -170,11 +251,17 @@ fn rope_parameters_and_dtype_spelling_loads_the_same_model() {
         c.remove("rope_theta");
         c.remove("rope_scaling");
         c.remove("torch_dtype");
-        c.insert("rope_parameters".into(), serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}));
+        c.insert(
+            "rope_parameters".into(),
+            serde_json::json!({"rope_type": "default", "rope_theta": 10000.0}),
+        );
         c.insert("dtype".into(), "float32".into());
     });
     let case = &expected(&llama_dir())["last_logits"][0];
-    let diff = max_abs_diff(&last_logits(&load(dir.path()), &ids(&case["prompt_ids"])), &floats(&case["logits"]));
+    let diff = max_abs_diff(
+        &last_logits(&load(dir.path()), &ids(&case["prompt_ids"])),
+        &floats(&case["logits"]),
+    );
     assert!(diff < LOGIT_TOL, "{diff}");
 }
 
@@ -186,30 +273,53 @@ fn sharded_checkpoint_loads_the_same_model() {
     let mut names: Vec<&String> = all.keys().collect();
     names.sort();
     let mut weight_map = serde_json::Map::new();
-    let mut shards = [std::collections::HashMap::new(), std::collections::HashMap::new()];
+    let mut shards = [
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    ];
     for (i, name) in names.iter().enumerate() {
         let shard = i % 2;
         shards[shard].insert((*name).clone(), all[*name].clone());
-        weight_map.insert((*name).clone(), format!("model-0000{}-of-00002.safetensors", shard + 1).into());
+        weight_map.insert(
+            (*name).clone(),
+            format!("model-0000{}-of-00002.safetensors", shard + 1).into(),
+        );
     }
     for (i, shard) in shards.iter().enumerate() {
-        write_tensors(shard, &dir.path().join(format!("model-0000{}-of-00002.safetensors", i + 1)));
+        write_tensors(
+            shard,
+            &dir.path()
+                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
+        );
     }
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    std::fs::write(dir.path().join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
     let case = &expected(&llama_dir())["last_logits"][0];
-    let diff = max_abs_diff(&last_logits(&load(dir.path()), &ids(&case["prompt_ids"])), &floats(&case["logits"]));
+    let diff = max_abs_diff(
+        &last_logits(&load(dir.path()), &ids(&case["prompt_ids"])),
+        &floats(&case["logits"]),
+    );
     assert!(diff < LOGIT_TOL, "{diff}");
 }
 
 #[test]
 fn half_precision_checkpoints_load_and_stay_close() {
     let case = &expected(&llama_dir())["last_logits"][0];
-    for (dtype, name, tol) in [(DType::F16, "float16", 2e-2), (DType::BF16, "bfloat16", 1.5e-1)] {
+    for (dtype, name, tol) in [
+        (DType::F16, "float16", 2e-2),
+        (DType::BF16, "bfloat16", 1.5e-1),
+    ] {
         let dir = llama_in_dtype(dtype, name);
         let m = load(dir.path());
         assert_eq!(m.config.dtype, dtype);
-        let diff = max_abs_diff(&last_logits(&m, &ids(&case["prompt_ids"])), &floats(&case["logits"]));
+        let diff = max_abs_diff(
+            &last_logits(&m, &ids(&case["prompt_ids"])),
+            &floats(&case["logits"]),
+        );
         assert!(diff < tol && diff > 0.0, "{name}: {diff}");
     }
 }

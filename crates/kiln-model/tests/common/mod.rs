@@ -1,5 +1,6 @@
 //! Shared helpers for the integration tests: the reference fixtures (computed by transformers,
 //! PEFT and TRL; see testdata/hf/README.md) and temporary model directories derived from them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use std::collections::HashMap;
@@ -43,12 +44,16 @@ pub fn floats(v: &Value) -> Vec<f32> {
 }
 
 pub fn load(dir: &Path) -> LoadedModel {
-    LoadedModel::load(dir.to_str().expect("utf-8 path"), &LoadOptions::default()).expect("model loads")
+    LoadedModel::load(dir.to_str().expect("utf-8 path"), &LoadOptions::default())
+        .expect("model loads")
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Copies every file of `src` into a fresh temporary directory.
@@ -70,7 +75,8 @@ pub fn write_tensors(tensors: &HashMap<String, Tensor>, path: &Path) {
 }
 
 pub fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
+    let mut v: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("json");
     edit(v.as_object_mut().expect("object"));
     std::fs::write(path, serde_json::to_string_pretty(&v).expect("json")).expect("write");
 }

@@ -1,0 +1,277 @@
+//! The `kiln` binary end to end on the reference fixture: real files, real process, real output.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn testdata() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../testdata/hf")
+}
+
+fn kiln(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .output()
+        .expect("kiln runs")
+}
+
+fn stdout_json(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "kiln failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("stdout is JSON")
+}
+
+fn expected() -> Value {
+    serde_json::from_str(&std::fs::read_to_string(testdata().join("llama/expected.json")).unwrap())
+        .unwrap()
+}
+
+fn model() -> String {
+    testdata().join("llama").to_str().unwrap().to_string()
+}
+
+#[test]
+fn generate_json_matches_transformers_greedy() {
+    for case in expected()["greedy"].as_array().unwrap() {
+        let out = kiln(&[
+            "generate",
+            "--model",
+            &model(),
+            "--prompt",
+            case["prompt"].as_str().unwrap(),
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ]);
+        let v = stdout_json(&out);
+        assert_eq!(v["prompt_token_ids"], case["prompt_ids"]);
+        assert_eq!(v["token_ids"], case["new_ids"]);
+        assert_eq!(v["text"], case["text"]);
+        assert_eq!(v["finish_reason"], "length");
+    }
+}
+
+#[test]
+fn generate_stops_at_eos_and_sampling_is_seeded() {
+    // Greedy from this prompt reaches EOS (id 3) as its 8th token.
+    let args = [
+        "generate",
+        "--model",
+        &model(),
+        "--prompt",
+        "The model learns",
+        "--temperature",
+        "0",
+        "--json",
+    ];
+    let v = stdout_json(&kiln(&args));
+    assert_eq!(v["finish_reason"], "stop");
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 8);
+    assert_eq!(v["token_ids"][7], 3);
+
+    let sample = |seed: &str| {
+        stdout_json(&kiln(&[
+            "generate",
+            "--model",
+            &model(),
+            "--prompt",
+            "A small cat",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--seed",
+            seed,
+            "--max-tokens",
+            "12",
+            "--ignore-eos",
+            "--json",
+        ]))["token_ids"]
+            .clone()
+    };
+    assert_eq!(sample("5"), sample("5"));
+    assert_ne!(sample("5"), sample("6"));
+}
+
+#[test]
+fn generate_with_adapter_matches_peft() {
+    let lora: Value = serde_json::from_str(
+        &std::fs::read_to_string(testdata().join("llama-lora/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let case = &lora["greedy"][0];
+    let out = kiln(&[
+        "generate",
+        "--model",
+        &model(),
+        "--adapter",
+        testdata().join("llama-lora").to_str().unwrap(),
+        "--prompt",
+        case["prompt"].as_str().unwrap(),
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert_eq!(stdout_json(&out)["token_ids"], case["new_ids"]);
+}
+
+#[test]
+fn streamed_text_equals_json_text() {
+    let common = [
+        "generate",
+        "--model",
+        &model(),
+        "--prompt",
+        "42 + 17 =",
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--ignore-eos",
+    ];
+    let streamed = kiln(&common);
+    assert!(streamed.status.success());
+    let mut with_json = common.to_vec();
+    with_json.push("--json");
+    let v = stdout_json(&kiln(&with_json));
+    let text = String::from_utf8(streamed.stdout).unwrap();
+    assert_eq!(text.trim_end_matches('\n'), v["text"].as_str().unwrap());
+    assert!(String::from_utf8_lossy(&streamed.stderr).contains("tokens/s"));
+}
+
+#[test]
+fn eval_perplexity_matches_transformers() {
+    let case = &expected()["perplexity"];
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("text.txt");
+    std::fs::write(&file, case["text"].as_str().unwrap()).unwrap();
+    let v = stdout_json(&kiln(&[
+        "eval",
+        "perplexity",
+        "--model",
+        &model(),
+        "--text-file",
+        file.to_str().unwrap(),
+        "--json",
+    ]));
+    let want = case["mean_nll"].as_f64().unwrap();
+    assert!(
+        ((v["mean_nll"].as_f64().unwrap() - want) / want).abs() < 1e-4,
+        "{v}"
+    );
+    assert!(
+        ((v["perplexity"].as_f64().unwrap() - case["ppl"].as_f64().unwrap()) / want).abs() < 1e-2,
+        "{v}"
+    );
+    assert_eq!(v["tokens"], case["ids"].as_array().unwrap().len());
+}
+
+#[test]
+fn info_describes_the_model() {
+    let v = stdout_json(&kiln(&["info", "--model", &model(), "--json"]));
+    assert_eq!(v["architecture"], "LlamaForCausalLM");
+    assert_eq!(v["parameters"], 131_008);
+    assert_eq!(v["dtype"], "f32");
+    assert_eq!(v["context_length"], 512);
+}
+
+#[test]
+fn hub_ids_resolve_through_hf_home() {
+    let home = tempfile::tempdir().unwrap();
+    let snap = home.path().join("hub/models--acme--tiny/snapshots/f00d");
+    std::fs::create_dir_all(&snap).unwrap();
+    for entry in std::fs::read_dir(testdata().join("llama")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), snap.join(entry.file_name())).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["info", "--model", "acme/tiny", "--json"])
+        .env("HF_HOME", home.path())
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .unwrap();
+    assert_eq!(stdout_json(&out)["layers"], 2);
+}
+
+#[test]
+fn user_mistakes_get_a_clear_error_and_no_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec!["info".into(), "--model".into(), "nobody/nothing".into()],
+            "not in the Hugging Face cache",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                dir.path().display().to_string(),
+                "--prompt".into(),
+                "x".into(),
+            ],
+            "config.json",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(),
+                "--prompt".into(),
+                "x".into(),
+                "--top-p".into(),
+                "1.5".into(),
+            ],
+            "top_p",
+        ),
+        (
+            vec![
+                "generate".into(),
+                "--model".into(),
+                model(),
+                "--prompt".into(),
+                "x".into(),
+                "--dtype".into(),
+                "int3".into(),
+            ],
+            "--dtype",
+        ),
+        (
+            vec![
+                "eval".into(),
+                "perplexity".into(),
+                "--model".into(),
+                model(),
+                "--text-file".into(),
+                "/nonexistent.txt".into(),
+            ],
+            "/nonexistent.txt",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .args(&args)
+            .env("HF_HOME", dir.path())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(needle),
+            "{args:?}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    }
+}

@@ -1,0 +1,224 @@
+//! The forward pass is differentiable end to end: with `Var`-backed weights the model takes the
+//! composed (differentiable) ops, every parameter receives a gradient, the gradient is the
+//! loss's true slope, and the logits are those of the fused inference path. A LoRA pair attached
+//! to a frozen model is trained the same way.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use common::*;
+use kiln_core::ModelConfig;
+use kiln_model::{CausalLm, LinearWeight, LoraLayer};
+
+/// A batch of two sequences of eight fixture token ids, `[2, 8]`.
+fn batch() -> Tensor {
+    let ids: [[u32; 8]; 2] = [
+        [0, 407, 404, 385, 190, 6, 410, 254],
+        [0, 138, 307, 12, 99, 200, 3, 41],
+    ];
+    Tensor::new(&ids, &Device::Cpu).expect("ids")
+}
+
+/// Mean next-token cross-entropy of `logits` (`[batch, seq, vocab]`) against `ids` shifted by one.
+fn next_token_loss(logits: &Tensor, ids: &Tensor) -> Result<Tensor> {
+    let (b, s, v) = logits.dims3()?;
+    let inputs = logits.narrow(1, 0, s - 1)?.reshape((b * (s - 1), v))?;
+    let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
+    candle_nn::loss::cross_entropy(&inputs, &targets)
+}
+
+/// The loss of `model` on `ids` as a number.
+fn loss_value(model: &CausalLm, ids: &Tensor) -> Result<f32> {
+    next_token_loss(&model.forward(ids, None)?, ids)?.to_scalar::<f32>()
+}
+
+fn abs_sum(t: &Tensor) -> Result<f32> {
+    t.abs()?.sum_all()?.to_scalar::<f32>()
+}
+
+/// The fixture as trainable variables: built from a `VarMap`, then filled with the fixture's values.
+fn trainable_fixture() -> Result<(VarMap, CausalLm)> {
+    let cfg = ModelConfig::from_file(&llama_dir().join("config.json")).expect("fixture config");
+    let mut varmap = VarMap::new();
+    let model = CausalLm::load(
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        &cfg,
+    )?;
+    varmap.load(llama_dir().join("model.safetensors"))?;
+    Ok((varmap, model))
+}
+
+/// Checks a gradient against finite differences: moving every var by `eps` along the unit
+/// gradient direction must change the loss at the rate |g| (the directional derivative).
+fn assert_gradient_is_the_slope(
+    vars: &[Var],
+    grads: &[Tensor],
+    loss: impl Fn() -> Result<f32>,
+    eps: f64,
+    what: &str,
+) -> Result<()> {
+    let mut sq = 0.0f64;
+    for g in grads {
+        sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+    }
+    let norm = sq.sqrt();
+    assert!(norm > 0.0, "{what}: zero gradient");
+    let originals = vars
+        .iter()
+        .map(|v| v.as_tensor().copy())
+        .collect::<Result<Vec<_>>>()?;
+    let shift = |sign: f64| -> Result<f32> {
+        for ((var, orig), g) in vars.iter().zip(&originals).zip(grads) {
+            var.set(&(orig + (g * (sign * eps / norm))?)?)?;
+        }
+        loss()
+    };
+    let (up, down) = (shift(1.0)?, shift(-1.0)?);
+    for (var, orig) in vars.iter().zip(&originals) {
+        var.set(orig)?;
+    }
+    let slope = (f64::from(up) - f64::from(down)) / (2.0 * eps);
+    let rel = (slope - norm).abs() / norm;
+    assert!(
+        rel < 2e-2,
+        "{what}: finite-difference slope {slope} vs |grad| {norm} (rel. error {rel})"
+    );
+    Ok(())
+}
+
+#[test]
+fn every_parameter_gets_a_gradient() {
+    let (varmap, model) = trainable_fixture().unwrap();
+    let n_file = read_tensors(&llama_dir().join("model.safetensors")).len();
+    assert_eq!(
+        varmap.all_vars().len(),
+        n_file,
+        "one variable per checkpoint tensor"
+    );
+
+    let ids = batch();
+    let logits = model.forward(&ids, None).unwrap();
+    assert_eq!(logits.dims(), [2, 8, 445]);
+    let loss = next_token_loss(&logits, &ids).unwrap();
+    let grads = loss.backward().unwrap();
+
+    let data = varmap.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut missing = Vec::new();
+    for name in names {
+        let var = &data[name];
+        match grads.get(var.as_tensor()) {
+            Some(g) => {
+                assert_eq!(g.dims(), var.dims(), "{name}: gradient shape");
+                let s = abs_sum(g).unwrap();
+                if !(s > 0.0 && s.is_finite()) {
+                    missing.push(format!("{name} (|grad| sum {s})"));
+                }
+            }
+            None => missing.push(format!("{name} (no gradient)")),
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "parameters without a usable gradient: {missing:?}"
+    );
+}
+
+#[test]
+fn gradient_matches_finite_differences() {
+    let (varmap, model) = trainable_fixture().unwrap();
+    let ids = batch();
+    let logits = model.forward(&ids, None).unwrap();
+    let grads = next_token_loss(&logits, &ids).unwrap().backward().unwrap();
+    let vars = varmap.all_vars();
+    let g: Vec<Tensor> = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).expect("gradient").clone())
+        .collect();
+    assert_gradient_is_the_slope(
+        &vars,
+        &g,
+        || loss_value(&model, &ids),
+        1e-2,
+        "all parameters",
+    )
+    .unwrap();
+}
+
+#[test]
+fn var_backed_logits_equal_fused_inference_logits() {
+    let (_varmap, trainable) = trainable_fixture().unwrap();
+    let inference = load(&llama_dir()).model;
+    let ids = batch();
+    let composed = trainable.forward(&ids, None).unwrap();
+    let fused = inference.forward(&ids, None).unwrap();
+    // The two really took different paths: only the first records a graph.
+    assert!(composed.track_op() && !fused.track_op());
+    let diff = max_abs_diff(
+        &composed.flatten_all().unwrap().to_vec1().unwrap(),
+        &fused.flatten_all().unwrap().to_vec1().unwrap(),
+    );
+    assert!(
+        diff < 1e-4,
+        "max |Δlogit| between training and inference paths = {diff}"
+    );
+}
+
+/// Deterministic, non-zero `[rows, cols]` values of magnitude about `scale`.
+fn filled(rows: usize, cols: usize, scale: f32, salt: f32) -> Tensor {
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| scale * (0.61 * i as f32 + salt).sin())
+        .collect();
+    Tensor::from_vec(values, (rows, cols), &Device::Cpu).expect("tensor")
+}
+
+#[test]
+fn lora_on_a_frozen_model_trains_a_and_b_only() {
+    let mut model = load(&llama_dir()).model;
+    let target = "model.layers.0.self_attn.q_proj";
+    // B starts non-zero (unlike PEFT's init) so that A's gradient is not zero too.
+    let a = Var::from_tensor(&filled(4, 64, 0.1, 0.3)).unwrap();
+    let b = Var::from_tensor(&filled(64, 4, 0.1, 1.7)).unwrap();
+    let mut base_weight = None;
+    for (name, linear) in model.linears_mut() {
+        if name == target {
+            linear
+                .set_lora(LoraLayer {
+                    a: a.as_tensor().clone(),
+                    b: b.as_tensor().clone(),
+                    scale: 2.0,
+                })
+                .unwrap();
+            if let LinearWeight::Dense(w) = linear.weight() {
+                base_weight = Some(w.clone());
+            }
+        }
+    }
+    let base_weight = base_weight.expect("q_proj of layer 0 exists and is dense");
+
+    let ids = batch();
+    let logits = model.forward(&ids, None).unwrap();
+    let grads = next_token_loss(&logits, &ids).unwrap().backward().unwrap();
+    for (which, var) in [("A", &a), ("B", &b)] {
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("lora {which} has no gradient"));
+        assert_eq!(g.dims(), var.dims());
+        assert!(abs_sum(g).unwrap() > 0.0, "lora {which}: zero gradient");
+    }
+    assert!(
+        grads.get(&base_weight).is_none(),
+        "the frozen base weight must not get a gradient"
+    );
+
+    let vars = [a.clone(), b.clone()];
+    let g: Vec<Tensor> = vars
+        .iter()
+        .map(|v| grads.get(v.as_tensor()).expect("gradient").clone())
+        .collect();
+    assert_gradient_is_the_slope(&vars, &g, || loss_value(&model, &ids), 1e-2, "LoRA A and B")
+        .unwrap();
+}
