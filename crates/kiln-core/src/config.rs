@@ -128,6 +128,12 @@ pub struct RawConfig {
     pub sliding_window: Option<Value>,
     #[serde(default)]
     pub use_sliding_window: Option<bool>,
+    /// Qwen2: layers from this index on use the window (when no `layer_types` is given).
+    #[serde(default)]
+    pub max_window_layers: Option<usize>,
+    /// transformers 5: `"full_attention"` or `"sliding_attention"` per layer.
+    #[serde(default)]
+    pub layer_types: Option<Vec<String>>,
 }
 
 /// Keeps an explicit `null` as `Some(Value::Null)`, so it can be told apart from a missing key.
@@ -178,7 +184,10 @@ pub struct ModelConfig {
     /// Bias on `o_proj`.
     pub o_bias: bool,
     pub mlp_bias: bool,
+    /// The attention window of the sliding layers (Mistral, Qwen2 with `use_sliding_window`).
     pub sliding_window: Option<usize>,
+    /// Per layer: whether it attends within `sliding_window` only.
+    pub sliding_layers: Vec<bool>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
     pub pad_token_id: Option<u32>,
@@ -269,6 +278,40 @@ impl ModelConfig {
             }
             Architecture::Qwen2 => None,
         };
+        let sliding_layers = match (&raw.layer_types, sliding_window) {
+            (_, None) => vec![false; raw.num_hidden_layers],
+            (Some(types), Some(_)) => {
+                if types.len() != raw.num_hidden_layers {
+                    return Err(err(
+                        "layer_types",
+                        format!(
+                            "has {} entries for {} layers",
+                            types.len(),
+                            raw.num_hidden_layers
+                        ),
+                    ));
+                }
+                types
+                    .iter()
+                    .map(|t| match t.as_str() {
+                        "full_attention" => Ok(false),
+                        "sliding_attention" => Ok(true),
+                        other => Err(err(
+                            "layer_types",
+                            format!("unknown layer type `{other}` (expected full_attention or sliding_attention)"),
+                        )),
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            (None, Some(_)) => match architecture {
+                // Qwen2Config: layers from max_window_layers (default 28) on slide.
+                Architecture::Qwen2 => {
+                    let from = raw.max_window_layers.unwrap_or(28);
+                    (0..raw.num_hidden_layers).map(|i| i >= from).collect()
+                }
+                _ => vec![true; raw.num_hidden_layers],
+            },
+        };
 
         let default_ctx = match architecture {
             Architecture::Llama => 2048,
@@ -293,7 +336,12 @@ impl ModelConfig {
             qkv_bias,
             o_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
-            sliding_window,
+            sliding_window: sliding_layers
+                .iter()
+                .any(|&s| s)
+                .then_some(sliding_window)
+                .flatten(),
+            sliding_layers,
             bos_token_id: raw
                 .bos_token_id
                 .as_ref()
@@ -580,6 +628,32 @@ mod tests {
         ))
         .expect("mistral");
         assert_eq!(m.sliding_window, None);
+        assert_eq!(m.sliding_layers, vec![false, false]);
+    }
+
+    #[test]
+    fn qwen2_window_applies_from_max_window_layers_or_layer_types() {
+        let q = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}, "use_sliding_window": true,
+            "sliding_window": 64, "max_window_layers": 1}}"#
+        ))
+        .expect("qwen2");
+        assert_eq!(
+            (q.sliding_window, q.sliding_layers),
+            (Some(64), vec![false, true])
+        );
+        let q = parse(&format!(
+            r#"{{"architectures": ["Qwen2ForCausalLM"], {BASE}, "use_sliding_window": true,
+            "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]}}"#
+        ))
+        .expect("qwen2");
+        assert_eq!(q.sliding_layers, vec![true, false]);
+        let e = parse(&format!(
+            r#"{{"architectures": ["MistralForCausalLM"], {BASE}, "sliding_window": 8,
+            "layer_types": ["sliding_attention"]}}"#
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("layer_types"), "{e}");
     }
 
     #[test]

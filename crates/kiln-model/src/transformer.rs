@@ -276,8 +276,17 @@ impl CausalLm {
             .index_select(&input_ids.flatten_all()?, 0)?
             .reshape((b, s, self.cfg.hidden_size))?;
         let rope = self.rope.tables(start, s, x.dtype())?;
-        let mask = self.attention_mask(start, s, x.dtype())?;
+        let full_mask = self.attention_mask(start, s, None, x.dtype())?;
+        let window_mask = match self.cfg.sliding_window {
+            Some(w) => self.attention_mask(start, s, Some(w), x.dtype())?,
+            None => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
+            let mask = if self.cfg.sliding_layers[i] {
+                &window_mask
+            } else {
+                &full_mask
+            };
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &rope, mask.as_ref(), layer_cache)?;
         }
@@ -302,11 +311,16 @@ impl CausalLm {
         self.project(&hidden.narrow(1, s - 1, 1)?.squeeze(1)?)
     }
 
-    /// The additive causal mask `[seq, start + seq]` (with Mistral's sliding window), or `None`
-    /// when every cached position is visible (single-token decode).
-    fn attention_mask(&self, start: usize, s: usize, dtype: DType) -> Result<Option<Tensor>> {
+    /// The additive causal mask `[seq, start + seq]`, limited to the last `window` positions
+    /// when given, or `None` when every cached position is visible (single-token decode).
+    fn attention_mask(
+        &self,
+        start: usize,
+        s: usize,
+        window: Option<usize>,
+        dtype: DType,
+    ) -> Result<Option<Tensor>> {
         let t = start + s;
-        let window = self.cfg.sliding_window;
         if s == 1 && window.is_none_or(|w| t <= w) {
             return Ok(None);
         }
