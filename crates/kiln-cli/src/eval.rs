@@ -51,8 +51,17 @@ fn perplexity(args: PerplexityArgs) -> Result<()> {
     let ids = loaded.tokenizer.encode(&text, true)?;
     let window = args.window.unwrap_or(loaded.config.max_position_embeddings);
     let stride = args.stride.unwrap_or((window / 2).max(1));
-    let result = kiln_model::perplexity(&loaded.model, &ids, window, stride)
+    let bar = indicatif::ProgressBar::new(ids.len().saturating_sub(1) as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "scoring {bar:30} {pos}/{len} tokens · {per_sec} · eta {eta}",
+        )?,
+    );
+    let result =
+        kiln_model::perplexity_with_progress(&loaded.model, &ids, window, stride, |done, _| {
+            bar.set_position(done as u64)
+        })
         .with_context(|| format!("scoring {}", args.text_file.display()))?;
+    bar.finish_and_clear();
     if args.json {
         println!("{}", serde_json::to_string(&result)?);
     } else {

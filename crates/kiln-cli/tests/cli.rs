@@ -275,3 +275,60 @@ fn user_mistakes_get_a_clear_error_and_no_panic() {
         assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
     }
 }
+
+#[test]
+fn chat_prompt_is_encoded_as_apply_chat_template() {
+    // The fixture's rendered conversation ends with the user turn "And the cat?" and the
+    // generation prompt; a single-message chat must encode to exactly that suffix.
+    let chat = &expected()["chat"];
+    let all: Vec<u64> = chat["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let user_turn = all.windows(2).rposition(|w| w == [2, 398]).unwrap();
+    let want = &all[user_turn..];
+    let v = stdout_json(&kiln(&[
+        "generate",
+        "--model",
+        &model(),
+        "--prompt",
+        "And the cat?",
+        "--chat",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--json",
+    ]));
+    let got: Vec<u64> = v["prompt_token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn half_precision_compute_runs() {
+    for dtype in ["bf16", "f16"] {
+        let v = stdout_json(&kiln(&[
+            "generate",
+            "--model",
+            &model(),
+            "--prompt",
+            "The model learns",
+            "--max-tokens",
+            "8",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--dtype",
+            dtype,
+            "--json",
+        ]));
+        assert_eq!(v["token_ids"].as_array().unwrap().len(), 8, "{dtype}");
+    }
+}

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use minijinja::value::Serde;
+use minijinja::value::{Kwargs, Serde};
 use minijinja::{Environment, ErrorKind, Value};
 use serde::Serialize;
 
@@ -51,6 +51,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
             .map_err(|e| Error::ChatTemplate(format!("does not compile: {e}")))?;
         Ok(Self {
@@ -90,6 +91,73 @@ impl ChatTemplate {
 
 fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
     Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
+}
+
+/// transformers replaces Jinja's HTML-escaping `tojson` with `json.dumps(x, ensure_ascii=False,
+/// indent=indent, sort_keys=sort_keys)`: `", "` and `": "` separators, nothing escaped but what
+/// JSON requires, insertion order kept. Tool-calling templates print arguments with it, so the
+/// bytes must match.
+fn tojson(value: Value, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    let sort_keys: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let mut out = String::new();
+    write_python_json(&json, indent, sort_keys.unwrap_or(false), 0, &mut out);
+    Ok(Value::from_safe_string(out))
+}
+
+fn write_python_json(
+    v: &serde_json::Value,
+    indent: Option<usize>,
+    sort_keys: bool,
+    level: usize,
+    out: &mut String,
+) {
+    use serde_json::Value as J;
+    let newline = |out: &mut String, level: usize| {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.push_str(&" ".repeat(n * level));
+        }
+    };
+    let item_sep = if indent.is_some() { "," } else { ", " };
+    match v {
+        J::Array(items) if items.is_empty() => out.push_str("[]"),
+        J::Object(map) if map.is_empty() => out.push_str("{}"),
+        J::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                write_python_json(item, indent, sort_keys, level + 1, out);
+            }
+            newline(out, level);
+            out.push(']');
+        }
+        J::Object(map) => {
+            let mut entries: Vec<(&String, &J)> = map.iter().collect();
+            if sort_keys {
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            out.push('{');
+            for (i, (k, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(item_sep);
+                }
+                newline(out, level + 1);
+                out.push_str(&J::String(k.clone()).to_string());
+                out.push_str(": ");
+                write_python_json(item, indent, sort_keys, level + 1, out);
+            }
+            newline(out, level);
+            out.push('}');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
 }
 
 /// `strftime_now(format)`, which Llama 3 templates call for the current date (UTC).
@@ -192,6 +260,22 @@ mod tests {
             err.to_string()
                 .contains("Conversation must start with user"),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn tojson_writes_like_python_json_dumps() {
+        let t = ChatTemplate::new(
+            "{{ messages | tojson }}|{{ messages | tojson(indent=2) }}",
+            tokens(),
+        )
+        .expect("compiles");
+        let out = t
+            .render(&json!({"b": [1, 2.5, null], "a": "<é>", "e": {}}), false)
+            .expect("renders");
+        assert_eq!(
+            out,
+            "{\"b\": [1, 2.5, null], \"a\": \"<é>\", \"e\": {}}|{\n  \"b\": [\n    1,\n    2.5,\n    null\n  ],\n  \"a\": \"<é>\",\n  \"e\": {}\n}"
         );
     }
 

@@ -29,6 +29,18 @@ pub fn perplexity(
     window: usize,
     stride: usize,
 ) -> Result<Perplexity> {
+    perplexity_with_progress(model, ids, window, stride, |_, _| {})
+}
+
+/// [`perplexity`], calling `progress(scored, total)` after each window with the number of
+/// tokens scored so far and the number to score.
+pub fn perplexity_with_progress(
+    model: &CausalLm,
+    ids: &[u32],
+    window: usize,
+    stride: usize,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Perplexity> {
     if ids.len() < 2 {
         candle_core::bail!(
             "perplexity needs at least 2 tokens, the text has {}",
@@ -64,6 +76,7 @@ pub fn perplexity(
             p += n;
         }
         scored_until = end;
+        progress(end - 1, ids.len() - 1);
         if end == ids.len() {
             break;
         }

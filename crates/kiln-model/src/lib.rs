@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Device};
 use kiln_core::{GenerationConfig, ModelConfig, ModelDir, Result, SafetensorsWeights, Tokenizer};
 
-pub use eval::{Perplexity, perplexity};
+pub use eval::{Perplexity, perplexity, perplexity_with_progress};
 pub use generation::{FinishReason, GenerateParams, Generation, generate};
 pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearWeight, LoraLayer};
