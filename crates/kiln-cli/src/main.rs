@@ -29,6 +29,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    kiln_core::init_cpu_threads();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),

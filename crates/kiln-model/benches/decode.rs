@@ -66,6 +66,7 @@ fn decode_steps(model: &CausalLm, iters: u64) -> Duration {
 }
 
 fn bench(c: &mut Criterion) {
+    kiln_core::init_cpu_threads();
     let cfg = config();
     let dense = model(&cfg);
     let mut q8 = dense.clone();
