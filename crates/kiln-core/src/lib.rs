@@ -45,10 +45,9 @@ pub fn init_cpu_threads() -> usize {
     if let Some(n) = std::env::var(VAR)
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&n| n > 0)
     {
-        if n > 0 {
-            return n;
-        }
+        return n;
     }
     let n = candle_core::utils::get_num_threads();
     set_env_at_startup(VAR, &n.to_string());
