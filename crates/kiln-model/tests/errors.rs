@@ -180,35 +180,6 @@ fn weights_file_that_is_not_safetensors_is_named() {
     assert_mentions(&msg, &["model.safetensors", "not a valid safetensors file"]);
 }
 
-/// Splits the fixture's weights into two shards with an index, as `sharded_checkpoint_loads_the_same_model`
-/// in parity.rs does; returns the shard file names.
-fn shard_fixture(dir: &Path) -> [String; 2] {
-    let all = read_tensors(&dir.join("model.safetensors"));
-    std::fs::remove_file(dir.join("model.safetensors")).expect("remove");
-    let shard_names = [
-        "model-00001-of-00002.safetensors".to_string(),
-        "model-00002-of-00002.safetensors".to_string(),
-    ];
-    let mut names: Vec<&String> = all.keys().collect();
-    names.sort();
-    let mut weight_map = serde_json::Map::new();
-    let mut shards = [
-        std::collections::HashMap::new(),
-        std::collections::HashMap::new(),
-    ];
-    for (i, name) in names.into_iter().enumerate() {
-        shards[i % 2].insert(name.clone(), all[name].clone());
-        weight_map.insert(name.clone(), shard_names[i % 2].clone().into());
-    }
-    for (shard, file) in shards.iter().zip(&shard_names) {
-        write_tensors(shard, &dir.join(file));
-    }
-    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())
-        .expect("write index");
-    shard_names
-}
-
 #[test]
 fn sharded_index_naming_a_missing_shard_names_the_shard_and_the_index() {
     let dir = copy_dir(&llama_dir());

@@ -38,6 +38,16 @@ fn greedy(m: &LoadedModel, prompt: &[u32], n: usize, use_kv_cache: bool) -> Vec<
         .token_ids
 }
 
+/// The model in `dir` gives the fixture model's reference logits for the first prompt.
+fn assert_matches_reference_logits(dir: &std::path::Path) {
+    let case = &expected(&llama_dir())["last_logits"][0];
+    let diff = max_abs_diff(
+        &last_logits(&load(dir), &ids(&case["prompt_ids"])),
+        &floats(&case["logits"]),
+    );
+    assert!(diff < LOGIT_TOL, "{}: max |Δlogit| = {diff}", dir.display());
+}
+
 #[test]
 fn tokenizer_encodes_and_decodes_like_transformers() {
     let m = load(&llama_dir());
@@ -257,53 +267,14 @@ fn rope_parameters_and_dtype_spelling_loads_the_same_model() {
         );
         c.insert("dtype".into(), "float32".into());
     });
-    let case = &expected(&llama_dir())["last_logits"][0];
-    let diff = max_abs_diff(
-        &last_logits(&load(dir.path()), &ids(&case["prompt_ids"])),
-        &floats(&case["logits"]),
-    );
-    assert!(diff < LOGIT_TOL, "{diff}");
+    assert_matches_reference_logits(dir.path());
 }
 
 #[test]
 fn sharded_checkpoint_loads_the_same_model() {
     let dir = copy_dir(&llama_dir());
-    let all = read_tensors(&dir.path().join("model.safetensors"));
-    std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-    let mut names: Vec<&String> = all.keys().collect();
-    names.sort();
-    let mut weight_map = serde_json::Map::new();
-    let mut shards = [
-        std::collections::HashMap::new(),
-        std::collections::HashMap::new(),
-    ];
-    for (i, name) in names.iter().enumerate() {
-        let shard = i % 2;
-        shards[shard].insert((*name).clone(), all[*name].clone());
-        weight_map.insert(
-            (*name).clone(),
-            format!("model-0000{}-of-00002.safetensors", shard + 1).into(),
-        );
-    }
-    for (i, shard) in shards.iter().enumerate() {
-        write_tensors(
-            shard,
-            &dir.path()
-                .join(format!("model-0000{}-of-00002.safetensors", i + 1)),
-        );
-    }
-    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        index.to_string(),
-    )
-    .unwrap();
-    let case = &expected(&llama_dir())["last_logits"][0];
-    let diff = max_abs_diff(
-        &last_logits(&load(dir.path()), &ids(&case["prompt_ids"])),
-        &floats(&case["logits"]),
-    );
-    assert!(diff < LOGIT_TOL, "{diff}");
+    shard_fixture(dir.path());
+    assert_matches_reference_logits(dir.path());
 }
 
 #[test]

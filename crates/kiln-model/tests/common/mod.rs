@@ -95,3 +95,32 @@ pub fn llama_in_dtype(dtype: DType, name: &str) -> tempfile::TempDir {
     });
     dir
 }
+
+/// Splits a model directory's `model.safetensors` into two shards with an index, as
+/// `save_pretrained(max_shard_size=...)` does; returns the shard file names.
+pub fn shard_fixture(dir: &Path) -> [String; 2] {
+    let all = read_tensors(&dir.join("model.safetensors"));
+    std::fs::remove_file(dir.join("model.safetensors")).expect("remove");
+    let shard_names = [
+        "model-00001-of-00002.safetensors".to_string(),
+        "model-00002-of-00002.safetensors".to_string(),
+    ];
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let mut weight_map = serde_json::Map::new();
+    let mut shards = [
+        std::collections::HashMap::new(),
+        std::collections::HashMap::new(),
+    ];
+    for (i, name) in names.into_iter().enumerate() {
+        shards[i % 2].insert(name.clone(), all[name].clone());
+        weight_map.insert(name.clone(), shard_names[i % 2].clone().into());
+    }
+    for (shard, file) in shards.iter().zip(&shard_names) {
+        write_tensors(shard, &dir.join(file));
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string())
+        .expect("write index");
+    shard_names
+}
