@@ -1,0 +1,21 @@
+//! kiln's training engine, shared by pre-training, SFT, reward modelling, DPO and PPO.
+//!
+//! The pieces follow PyTorch and Hugging Face semantics exactly, because users compare loss
+//! curves across frameworks and carry hyper-parameters over: [`AdamW`] is `torch.optim.AdamW`
+//! (decoupled weight decay, bias correction, `eps` outside the square root), [`LrSchedule`] is
+//! `transformers.get_scheduler` (the first update of a warmup runs at learning rate 0, as it does
+//! there), [`clip_grad_norm`] is `torch.nn.utils.clip_grad_norm_`. Gradient accumulation sums
+//! per-micro-batch gradients of a loss normalised by the tokens of the whole accumulation window,
+//! so `k` micro-batches of `b` equal one batch of `k·b` (the bug transformers fixed in 2024).
+//! Checkpoints are written to a temporary directory and renamed into place, so a crash never
+//! leaves a checkpoint that loads wrong.
+
+pub mod checkpoint;
+pub mod grads;
+pub mod optim;
+pub mod schedule;
+
+pub use checkpoint::{Checkpoint, TrainerState};
+pub use grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
+pub use optim::{AdamW, AdamWConfig, NamedVar};
+pub use schedule::{LrSchedule, ScheduleKind};
