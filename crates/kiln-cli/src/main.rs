@@ -5,6 +5,7 @@ mod eval;
 mod generate;
 mod info;
 mod model_args;
+mod pretrain;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,8 @@ enum Command {
     Eval(eval::EvalCommand),
     /// Describe a model: architecture, parameters, dtype, context length.
     Info(info::InfoArgs),
+    /// Pre-train a Llama from scratch on a text corpus.
+    Pretrain(pretrain::PretrainArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Info(args) => info::run(args),
+        Command::Pretrain(args) => pretrain::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -381,6 +381,95 @@ impl ModelConfig {
     }
 }
 
+impl ModelConfig {
+    /// `config.json` as transformers 5 writes it (`rope_parameters`, `dtype`), so that
+    /// `AutoModelForCausalLM.from_pretrained` and kiln both load the directory.
+    pub fn to_hf_json(&self) -> Value {
+        let model_type = match self.architecture {
+            Architecture::Llama => "llama",
+            Architecture::Mistral => "mistral",
+            Architecture::Qwen2 => "qwen2",
+        };
+        let mut rope = serde_json::Map::new();
+        rope.insert("rope_theta".into(), self.rope.theta.into());
+        match self.rope.scaling {
+            RopeScaling::None => {
+                rope.insert("rope_type".into(), "default".into());
+            }
+            RopeScaling::Linear { factor } => {
+                rope.insert("rope_type".into(), "linear".into());
+                rope.insert("factor".into(), factor.into());
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                rope.insert("rope_type".into(), "llama3".into());
+                rope.insert("factor".into(), factor.into());
+                rope.insert("low_freq_factor".into(), low_freq_factor.into());
+                rope.insert("high_freq_factor".into(), high_freq_factor.into());
+                rope.insert(
+                    "original_max_position_embeddings".into(),
+                    original_max_position_embeddings.into(),
+                );
+            }
+        }
+        let dtype = match self.dtype {
+            DType::F16 => "float16",
+            DType::BF16 => "bfloat16",
+            _ => "float32",
+        };
+        let eos: Value = match self.eos_token_ids.as_slice() {
+            [] => Value::Null,
+            [one] => (*one).into(),
+            many => many.to_vec().into(),
+        };
+        let mut out = serde_json::json!({
+            "architectures": [self.architecture.hf_name()],
+            "model_type": model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "dtype": dtype,
+            "initializer_range": 0.02,
+            "use_cache": true,
+        });
+        if let Some(obj) = out.as_object_mut() {
+            match self.architecture {
+                Architecture::Llama => {
+                    obj.insert("attention_bias".into(), self.qkv_bias.into());
+                    obj.insert("mlp_bias".into(), self.mlp_bias.into());
+                }
+                Architecture::Mistral => {
+                    obj.insert("sliding_window".into(), self.sliding_window.into());
+                }
+                Architecture::Qwen2 => {
+                    obj.insert(
+                        "use_sliding_window".into(),
+                        self.sliding_window.is_some().into(),
+                    );
+                    obj.insert("sliding_window".into(), self.sliding_window.into());
+                }
+            }
+        }
+        out
+    }
+}
+
 fn resolve_architecture(raw: &RawConfig, path: &Path) -> Result<Architecture> {
     if let Some(first) = raw.architectures.as_ref().and_then(|names| names.first()) {
         return Architecture::from_hf_name(first).ok_or_else(|| {
@@ -683,6 +772,23 @@ mod tests {
             "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 3}"#)
         .unwrap_err();
         assert!(e.to_string().contains("num_key_value_heads"), "{e}");
+    }
+
+    #[test]
+    fn written_config_reads_back_identically() {
+        for arch in ["LlamaForCausalLM", "MistralForCausalLM"] {
+            let c = parse(&format!(
+                r#"{{"architectures": ["{arch}"], {BASE}, "rope_scaling": {{"rope_type": "llama3", "factor": 8.0,
+                "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}},
+                "eos_token_id": [3, 7], "bos_token_id": 1, "sliding_window": 16, "torch_dtype": "bfloat16"}}"#
+            ))
+            .expect("parses");
+            let raw: RawConfig = serde_json::from_value(c.to_hf_json()).expect("raw");
+            assert_eq!(
+                ModelConfig::from_raw(raw, Path::new("config.json")).expect("valid"),
+                c
+            );
+        }
     }
 
     #[test]

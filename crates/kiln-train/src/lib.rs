@@ -11,9 +11,13 @@
 //! leaves a checkpoint that loads wrong.
 
 pub mod checkpoint;
+pub mod corpus;
 pub mod grads;
+pub mod metrics;
 pub mod optim;
+pub mod pretrain;
 pub mod schedule;
+pub mod yaml;
 
 pub use checkpoint::{Checkpoint, TrainerState};
 pub use grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
