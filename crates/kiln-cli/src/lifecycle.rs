@@ -1,0 +1,214 @@
+//! `kiln lifecycle`: kiln's main job. Every stage that exists runs end to end on the built-in
+//! synthetic world with embedded defaults, and the run ends in a report: a table of stage, wall
+//! time and headline metric, the loss curve, and samples.
+//!
+//! Stages today: `synth` (the world's data), `pretrain` (a Llama from scratch on its corpus),
+//! `sample` (greedy completions, scored against the world's facts). Later stages (SFT, DPO, PPO,
+//! quantization, serving) add themselves to [`run`].
+
+use std::fmt::Write as _;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use kiln_data::{SynthOptions, World, write_world};
+use kiln_model::{GenerateParams, LoadOptions, LoadedModel, SamplingParams, generate};
+use kiln_train::pretrain::{PretrainConfig, pretrain};
+use serde::Serialize;
+
+#[derive(Args, Debug)]
+#[command(after_help = "Example:\n  kiln lifecycle --quick --out runs/quick")]
+pub struct LifecycleArgs {
+    /// Where the data, models and report go.
+    #[arg(long, default_value = "runs/lifecycle")]
+    out: PathBuf,
+    /// A smaller world and model: under two minutes on 2 CPU cores.
+    #[arg(long)]
+    quick: bool,
+    /// Seed of the world and of training.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct StageReport {
+    stage: &'static str,
+    wall_seconds: f64,
+    headline: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    quick: bool,
+    seed: u64,
+    stages: Vec<StageReport>,
+    samples: Vec<Sample>,
+}
+
+#[derive(Debug, Serialize)]
+struct Sample {
+    prompt: String,
+    completion: String,
+    expected: String,
+    correct: bool,
+}
+
+pub fn run(args: LifecycleArgs) -> Result<()> {
+    let out = &args.out;
+    if out.join("model").join("checkpoint-1").exists() || out.join("report.md").exists() {
+        // A previous run: start clean rather than resume a different configuration.
+        for sub in ["data", "model"] {
+            let p = out.join(sub);
+            if p.exists() {
+                std::fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
+            }
+        }
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut stages = Vec::new();
+    let total = Instant::now();
+
+    // 1. The synthetic world.
+    let t = Instant::now();
+    let opts = SynthOptions {
+        seed: args.seed,
+        ..if args.quick { SynthOptions::quick() } else { SynthOptions::default() }
+    };
+    let data_dir = out.join("data");
+    let synth = write_world(&data_dir, &opts).context("stage synth")?;
+    stages.push(StageReport {
+        stage: "synth",
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline: format!(
+            "{} corpus docs, {} SFT, {} preference pairs",
+            synth.rows("corpus/pretrain.jsonl").unwrap_or(0),
+            synth.rows("sft/train.jsonl").unwrap_or(0),
+            synth.rows("preference/train.jsonl").unwrap_or(0)
+        ),
+    });
+    eprintln!("[1/3] synth     {}", stages[0].headline);
+
+    // 2. Pre-training from scratch on the world's corpus.
+    let t = Instant::now();
+    let model_dir = out.join("model");
+    let cfg = pretrain_config(&data_dir.join("corpus/pretrain.jsonl"), &model_dir, args.quick, args.seed)?;
+    let summary = pretrain(&cfg, std::io::stderr().is_terminal()).context("stage pretrain")?;
+    stages.push(StageReport {
+        stage: "pretrain",
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline: format!(
+            "{:.2}M params, {} steps, held-out perplexity {:.2}, {:.0} tokens/s",
+            summary.parameters as f64 / 1e6,
+            summary.steps,
+            summary.eval_perplexity.unwrap_or(f64::NAN),
+            summary.tokens_per_second
+        ),
+    });
+    eprintln!("[2/3] pretrain  {}", stages[1].headline);
+
+    // 3. Samples, scored against the world: does the model complete "X lives in" with X's town?
+    let t = Instant::now();
+    let world = World::read(&data_dir.join("world.json")).context("reading world.json")?;
+    let samples = fact_samples(&model_dir, &world)?;
+    let correct = samples.iter().filter(|s| s.correct).count();
+    let chance = 100.0 / world.towns.len().max(1) as f64;
+    stages.push(StageReport {
+        stage: "sample",
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline: format!(
+            "home-town completion {correct}/{} ({:.0}%; chance {chance:.0}%)",
+            samples.len(),
+            100.0 * correct as f64 / samples.len().max(1) as f64
+        ),
+    });
+    eprintln!("[3/3] sample    {}", stages[2].headline);
+
+    let report = Report { quick: args.quick, seed: args.seed, stages, samples };
+    write_report(out, &report, total.elapsed().as_secs_f64())?;
+    println!("{}", summary_table(&report));
+    println!("report: {}", out.join("report.md").display());
+    Ok(())
+}
+
+fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<PretrainConfig> {
+    // Sized for 2 CPU cores: --quick well under two minutes, the default a few minutes.
+    let (hidden, inter, layers, heads, len, steps, batch) =
+        if quick { (96, 256, 2, 4, 64, 300, 8) } else { (128, 344, 4, 4, 96, 600, 8) };
+    let yaml = format!(
+        "dataset_path: {}\noutput_dir: {}\nvocab_size: 768\nhidden_size: {hidden}\n\
+         intermediate_size: {inter}\nnum_hidden_layers: {layers}\nnum_attention_heads: {heads}\n\
+         num_key_value_heads: {}\nmax_length: {len}\nper_device_train_batch_size: {batch}\n\
+         learning_rate: 3.0e-3\nwarmup_steps: {}\nmax_steps: {steps}\nlogging_steps: 10\n\
+         eval_steps: {}\nsave_steps: {steps}\nseed: {seed}\n",
+        corpus.display(),
+        out.display(),
+        heads / 2,
+        steps / 20,
+        steps / 4
+    );
+    let path = out.with_extension("yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(PretrainConfig::load(&path, &[])?)
+}
+
+fn fact_samples(model_dir: &Path, world: &World) -> Result<Vec<Sample>> {
+    let m = LoadedModel::load(model_dir.to_str().unwrap_or_default(), &LoadOptions::default())?;
+    let params = GenerateParams {
+        max_new_tokens: 6,
+        sampling: SamplingParams::greedy(),
+        eos_token_ids: m.eos_token_ids(),
+        ..GenerateParams::default()
+    };
+    let mut samples = Vec::new();
+    for person in &world.people {
+        let prompt = format!("{} lives in", person.name);
+        let ids = m.tokenizer.encode(&prompt, true)?;
+        let out = generate(&m.model, &ids, &params, |_| {})?;
+        let completion = m.tokenizer.decode(&out.token_ids, true)?;
+        let correct = completion.trim_start().starts_with(&person.town);
+        samples.push(Sample { prompt, completion, expected: person.town.clone(), correct });
+    }
+    Ok(samples)
+}
+
+fn summary_table(report: &Report) -> String {
+    let mut s = String::from("| stage | wall time | headline |\n|---|---|---|\n");
+    for st in &report.stages {
+        let _ = writeln!(s, "| {} | {:.1} s | {} |", st.stage, st.wall_seconds, st.headline);
+    }
+    s
+}
+
+fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
+    let mut md = String::new();
+    let _ = writeln!(md, "# kiln lifecycle report\n");
+    let _ = writeln!(
+        md,
+        "Run {} with seed {} in {wall:.1} s on the built-in synthetic world (`data/`).\n",
+        if report.quick { "`--quick`" } else { "at default size" },
+        report.seed
+    );
+    md.push_str(&summary_table(report));
+    let _ = writeln!(md, "\n## Pre-training\n\n![loss curve](model/loss_curve.png)\n");
+    let _ = writeln!(md, "Model directory: `model/` (loads in transformers and in `kiln generate`). Metrics: `model/metrics.jsonl`.\n");
+    let _ = writeln!(md, "## Samples\n\nGreedy completions of \"NAME lives in\", checked against the world's facts:\n");
+    md.push_str("| prompt | completion | expected | |\n|---|---|---|---|\n");
+    for s in report.samples.iter().take(12) {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} |",
+            s.prompt,
+            s.completion.replace('|', "\\|").replace('\n', " "),
+            s.expected,
+            if s.correct { "✓" } else { "✗" }
+        );
+    }
+    let md_path = out.join("report.md");
+    std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;
+    let json_path = out.join("report.json");
+    std::fs::write(&json_path, serde_json::to_string_pretty(report)?)
+        .with_context(|| format!("writing {}", json_path.display()))?;
+    Ok(())
+}
