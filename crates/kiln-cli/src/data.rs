@@ -34,14 +34,23 @@ pub fn run(cmd: DataCommand) -> Result<()> {
     let DataCommand::Synth(args) = cmd;
     let opts = SynthOptions {
         seed: args.seed,
-        ..if args.quick { SynthOptions::quick() } else { SynthOptions::default() }
+        ..if args.quick {
+            SynthOptions::quick()
+        } else {
+            SynthOptions::default()
+        }
     };
-    let summary = write_world(&args.out, &opts).with_context(|| format!("writing {}", args.out.display()))?;
+    let summary =
+        write_world(&args.out, &opts).with_context(|| format!("writing {}", args.out.display()))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
         return Ok(());
     }
-    println!("synthetic world (seed {}) in {}", summary.seed, summary.out_dir.display());
+    println!(
+        "synthetic world (seed {}) in {}",
+        summary.seed,
+        summary.out_dir.display()
+    );
     for f in &summary.files {
         match f.rows {
             Some(rows) => println!("  {:<28} {rows:>6} rows", f.name),

@@ -74,7 +74,11 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     let t = Instant::now();
     let opts = SynthOptions {
         seed: args.seed,
-        ..if args.quick { SynthOptions::quick() } else { SynthOptions::default() }
+        ..if args.quick {
+            SynthOptions::quick()
+        } else {
+            SynthOptions::default()
+        }
     };
     let data_dir = out.join("data");
     let synth = write_world(&data_dir, &opts).context("stage synth")?;
@@ -93,7 +97,12 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     // 2. Pre-training from scratch on the world's corpus.
     let t = Instant::now();
     let model_dir = out.join("model");
-    let cfg = pretrain_config(&data_dir.join("corpus/pretrain.jsonl"), &model_dir, args.quick, args.seed)?;
+    let cfg = pretrain_config(
+        &data_dir.join("corpus/pretrain.jsonl"),
+        &model_dir,
+        args.quick,
+        args.seed,
+    )?;
     let summary = pretrain(&cfg, std::io::stderr().is_terminal()).context("stage pretrain")?;
     stages.push(StageReport {
         stage: "pretrain",
@@ -125,7 +134,12 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     });
     eprintln!("[3/3] sample    {}", stages[2].headline);
 
-    let report = Report { quick: args.quick, seed: args.seed, stages, samples };
+    let report = Report {
+        quick: args.quick,
+        seed: args.seed,
+        stages,
+        samples,
+    };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
     println!("report: {}", out.join("report.md").display());
@@ -134,8 +148,11 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
 
 fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<PretrainConfig> {
     // Sized for 2 CPU cores: --quick well under two minutes, the default a few minutes.
-    let (hidden, inter, layers, heads, len, steps, batch) =
-        if quick { (96, 256, 2, 4, 64, 300, 8) } else { (128, 344, 4, 4, 96, 600, 8) };
+    let (hidden, inter, layers, heads, len, steps, batch) = if quick {
+        (96, 256, 2, 4, 64, 300, 8)
+    } else {
+        (128, 344, 4, 4, 96, 600, 8)
+    };
     let yaml = format!(
         "dataset_path: {}\noutput_dir: {}\nvocab_size: 768\nhidden_size: {hidden}\n\
          intermediate_size: {inter}\nnum_hidden_layers: {layers}\nnum_attention_heads: {heads}\n\
@@ -154,7 +171,10 @@ fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<
 }
 
 fn fact_samples(model_dir: &Path, world: &World) -> Result<Vec<Sample>> {
-    let m = LoadedModel::load(model_dir.to_str().unwrap_or_default(), &LoadOptions::default())?;
+    let m = LoadedModel::load(
+        model_dir.to_str().unwrap_or_default(),
+        &LoadOptions::default(),
+    )?;
     let params = GenerateParams {
         max_new_tokens: 6,
         sampling: SamplingParams::greedy(),
@@ -168,7 +188,12 @@ fn fact_samples(model_dir: &Path, world: &World) -> Result<Vec<Sample>> {
         let out = generate(&m.model, &ids, &params, |_| {})?;
         let completion = m.tokenizer.decode(&out.token_ids, true)?;
         let correct = completion.trim_start().starts_with(&person.town);
-        samples.push(Sample { prompt, completion, expected: person.town.clone(), correct });
+        samples.push(Sample {
+            prompt,
+            completion,
+            expected: person.town.clone(),
+            correct,
+        });
     }
     Ok(samples)
 }
@@ -176,7 +201,11 @@ fn fact_samples(model_dir: &Path, world: &World) -> Result<Vec<Sample>> {
 fn summary_table(report: &Report) -> String {
     let mut s = String::from("| stage | wall time | headline |\n|---|---|---|\n");
     for st in &report.stages {
-        let _ = writeln!(s, "| {} | {:.1} s | {} |", st.stage, st.wall_seconds, st.headline);
+        let _ = writeln!(
+            s,
+            "| {} | {:.1} s | {} |",
+            st.stage, st.wall_seconds, st.headline
+        );
     }
     s
 }
@@ -187,13 +216,26 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
     let _ = writeln!(
         md,
         "Run {} with seed {} in {wall:.1} s on the built-in synthetic world (`data/`).\n",
-        if report.quick { "`--quick`" } else { "at default size" },
+        if report.quick {
+            "`--quick`"
+        } else {
+            "at default size"
+        },
         report.seed
     );
     md.push_str(&summary_table(report));
-    let _ = writeln!(md, "\n## Pre-training\n\n![loss curve](model/loss_curve.png)\n");
-    let _ = writeln!(md, "Model directory: `model/` (loads in transformers and in `kiln generate`). Metrics: `model/metrics.jsonl`.\n");
-    let _ = writeln!(md, "## Samples\n\nGreedy completions of \"NAME lives in\", checked against the world's facts:\n");
+    let _ = writeln!(
+        md,
+        "\n## Pre-training\n\n![loss curve](model/loss_curve.png)\n"
+    );
+    let _ = writeln!(
+        md,
+        "Model directory: `model/` (loads in transformers and in `kiln generate`). Metrics: `model/metrics.jsonl`.\n"
+    );
+    let _ = writeln!(
+        md,
+        "## Samples\n\nGreedy completions of \"NAME lives in\", checked against the world's facts:\n"
+    );
     md.push_str("| prompt | completion | expected | |\n|---|---|---|---|\n");
     for s in report.samples.iter().take(12) {
         let _ = writeln!(

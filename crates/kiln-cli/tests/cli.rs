@@ -336,23 +336,54 @@ fn half_precision_compute_runs() {
 #[test]
 fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
     let out = tempfile::tempdir().unwrap();
-    let run = kiln(&["lifecycle", "--quick", "--out", out.path().to_str().unwrap()]);
-    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = kiln(&[
+        "lifecycle",
+        "--quick",
+        "--out",
+        out.path().to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
     let report: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap()).unwrap();
-    let stages: Vec<&str> = report["stages"].as_array().unwrap().iter().map(|s| s["stage"].as_str().unwrap()).collect();
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("report.json")).unwrap())
+            .unwrap();
+    let stages: Vec<&str> = report["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
     assert_eq!(stages, ["synth", "pretrain", "sample"]);
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
-    assert!(md.contains("| pretrain |") && md.contains("loss_curve.png"), "{md}");
+    assert!(
+        md.contains("| pretrain |") && md.contains("loss_curve.png"),
+        "{md}"
+    );
     assert!(out.path().join("model/loss_curve.png").is_file());
     // The pre-trained model is a model directory every command takes.
-    let summary: Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("model/train_results.json")).unwrap()).unwrap();
+    let summary: Value = serde_json::from_str(
+        &std::fs::read_to_string(out.path().join("model/train_results.json")).unwrap(),
+    )
+    .unwrap();
     let ppl = summary["eval_perplexity"].as_f64().unwrap();
-    assert!(ppl < 20.0, "held-out perplexity {ppl} (a uniform guess over the vocabulary is ~700)");
+    assert!(
+        ppl < 20.0,
+        "held-out perplexity {ppl} (a uniform guess over the vocabulary is ~700)"
+    );
     let v = stdout_json(&kiln(&[
-        "generate", "--model", out.path().join("model").to_str().unwrap(), "--prompt", "Anna lives in",
-        "--max-tokens", "4", "--temperature", "0", "--json",
+        "generate",
+        "--model",
+        out.path().join("model").to_str().unwrap(),
+        "--prompt",
+        "Anna lives in",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        "--json",
     ]));
     assert!(!v["token_ids"].as_array().unwrap().is_empty());
 }
@@ -360,9 +391,24 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
 #[test]
 fn data_synth_writes_the_world() {
     let out = tempfile::tempdir().unwrap();
-    let v = stdout_json(&kiln(&["data", "synth", "--out", out.path().to_str().unwrap(), "--quick", "--seed", "3", "--json"]));
+    let v = stdout_json(&kiln(&[
+        "data",
+        "synth",
+        "--out",
+        out.path().to_str().unwrap(),
+        "--quick",
+        "--seed",
+        "3",
+        "--json",
+    ]));
     assert_eq!(v["seed"], 3);
-    for f in ["corpus/pretrain.jsonl", "sft/train.jsonl", "preference/train.jsonl", "eval/facts.jsonl", "world.json"] {
+    for f in [
+        "corpus/pretrain.jsonl",
+        "sft/train.jsonl",
+        "preference/train.jsonl",
+        "eval/facts.jsonl",
+        "world.json",
+    ] {
         assert!(out.path().join(f).is_file(), "{f}");
     }
 }
