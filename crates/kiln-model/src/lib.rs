@@ -12,6 +12,7 @@ pub mod init;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
+pub mod ops;
 pub mod rope;
 pub mod sampling;
 pub mod transformer;

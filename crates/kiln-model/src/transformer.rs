@@ -45,15 +45,13 @@ impl RmsNorm {
     }
 }
 
-/// Softmax over the last dimension in f32; fused unless a gradient must flow.
+/// Softmax over the last dimension in f32: candle's kernel when no gradient is needed, kiln's
+/// fused kernel with its own backward when one is.
 fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let p = if x.track_op() {
-        // Softmax is shift-invariant: subtracting a detached max keeps the gradient exact.
-        let max = x.max_keepdim(D::Minus1)?.detach();
-        let e = x.broadcast_sub(&max)?.exp()?;
-        e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?
+        crate::ops::softmax_last_dim(&x)?
     } else {
         candle_nn::ops::softmax_last_dim(&x)?
     };

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use kiln_core::config::RawConfig;
 use kiln_core::{Error, ModelConfig, Result};
@@ -504,9 +504,8 @@ pub fn lm_loss(model: &CausalLm, rows: &[Vec<u32>], normalizer: usize) -> Result
     let (b, s) = ids.dims2()?;
     let logits = model.forward(&ids.narrow(1, 0, s - 1)?, None)?;
     let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
-    let log_probs = candle_nn::ops::log_softmax(&logits.reshape((b * (s - 1), ()))?, D::Minus1)?;
-    let picked = log_probs.gather(&targets.unsqueeze(1)?, 1)?;
-    Ok((picked.sum_all()?.neg()? / normalizer as f64)?)
+    let nll = kiln_model::ops::cross_entropy_rows(&logits.reshape((b * (s - 1), ()))?, &targets)?;
+    Ok((nll.sum_all()? / normalizer as f64)?)
 }
 
 /// Mean NLL over the held-out blocks (at most `max_eval_samples`).
