@@ -6,7 +6,7 @@
 //! kernels (RMSNorm, RoPE, softmax), which record no backward, are taken only when the input
 //! carries no gradient (`Tensor::track_op`), so inference is fast and training is exact.
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use kiln_core::ModelConfig;
 
