@@ -6,8 +6,6 @@
 //! output with the closed forms:
 //!
 //! - softmax: `∂x = p ⊙ (g − Σ g⊙p)`;
-//! - RMSNorm `y = x·r·w` with `r = (mean(x²) + ε)^(−1/2)` per row:
-//!   `∂x = r·(g⊙w) − x·r³·mean(g⊙w⊙x)`, `∂w = Σ_rows g⊙x·r`;
 //! - cross-entropy of logits `z` and target `t` per row: `ℓ = logsumexp(z) − z_t`,
 //!   `∂z = g · (softmax(z) − onehot(t))`.
 //!
@@ -73,77 +71,6 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
         let max = x.max_keepdim(D::Minus1)?.detach();
         let e = x.broadcast_sub(&max)?.exp()?;
         e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
-    }
-}
-
-struct RmsNorm {
-    eps: f32,
-}
-
-impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "kiln-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (x, cols) = f32_rows(s1, l1, self.name())?;
-        let (w, _) = f32_rows(s2, l2, self.name())?;
-        if w.len() != cols {
-            candle_core::bail!("{}: weight of {} for rows of {cols}", self.name(), w.len());
-        }
-        let mut out = vec![0f32; x.len()];
-        out.par_chunks_mut(cols)
-            .zip(x.par_chunks(cols))
-            .for_each(|(d, row)| {
-                let mean_sq = row.iter().map(|v| v * v).sum::<f32>() / cols as f32;
-                let r = 1.0 / (mean_sq + self.eps).sqrt();
-                for ((d, &v), &wv) in d.iter_mut().zip(row).zip(w) {
-                    *d = v * r * wv;
-                }
-            });
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let r = (x.sqr()?.mean_keepdim(D::Minus1)? + f64::from(self.eps))?
-            .sqrt()?
-            .recip()?;
-        let gw = g.broadcast_mul(w)?;
-        let mean_gwx = (&gw * x)?.mean_keepdim(D::Minus1)?;
-        let dx = (gw.broadcast_mul(&r)? - x.broadcast_mul(&(r.powf(3.0)? * mean_gwx)?)?)?;
-        let normed = x.broadcast_mul(&r)?;
-        let cols = x.dim(D::Minus1)?;
-        let dw = (g * normed)?.reshape(((), cols))?.sum(0)?;
-        Ok((Some(dx), Some(dw)))
-    }
-}
-
-/// RMSNorm of `x` (`[.., hidden]`) with weight `w` (`[hidden]`), differentiable in both; fused
-/// for f32 CPU tensors.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
-        x.contiguous()?
-            .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
-    } else {
-        let x32 = x.to_dtype(DType::F32)?;
-        let inv = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?
-            .sqrt()?
-            .recip()?;
-        x32.broadcast_mul(&inv)?
-            .to_dtype(x.dtype())?
-            .broadcast_mul(w)
     }
 }
 
@@ -289,54 +216,6 @@ mod tests {
             gc.get(x.as_tensor()).expect("grad"),
         );
         assert!(max_diff(a, b) < 1e-6, "{}", max_diff(a, b));
-        Ok(())
-    }
-
-    #[test]
-    fn rms_norm_matches_composed_forward_and_backward() -> Result<()> {
-        let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f32, 2.0, (2, 3, 16), &dev)?)?;
-        let w = Var::from_tensor(&Tensor::randn(1f32, 0.3, 16, &dev)?)?;
-        let probe = Tensor::randn(0f32, 1.0, (2, 3, 16), &dev)?;
-        let fused = rms_norm(x.as_tensor(), w.as_tensor(), 1e-5)?;
-        let inv = (x.as_tensor().sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
-            .sqrt()?
-            .recip()?;
-        let composed = x
-            .as_tensor()
-            .broadcast_mul(&inv)?
-            .broadcast_mul(w.as_tensor())?;
-        assert!(max_diff(&fused, &composed) < 1e-5);
-        let gf = (fused * &probe)?.sum_all()?.backward()?;
-        let gc = (composed * &probe)?.sum_all()?.backward()?;
-        for v in [&x, &w] {
-            let (a, b) = (
-                gf.get(v.as_tensor()).expect("grad"),
-                gc.get(v.as_tensor()).expect("grad"),
-            );
-            assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
-        }
-        // A finite difference on one input coordinate.
-        let loss = |xs: &Tensor| -> Result<f32> {
-            (rms_norm(xs, w.as_tensor(), 1e-5)? * &probe)?
-                .sum_all()?
-                .to_scalar::<f32>()
-        };
-        let base: Vec<f32> = x.as_tensor().flatten_all()?.to_vec1()?;
-        let eps = 1e-2f32;
-        let at = 7;
-        let shifted = |delta: f32| -> Result<Tensor> {
-            let mut v = base.clone();
-            v[at] += delta;
-            Tensor::from_vec(v, (2, 3, 16), &dev)
-        };
-        let fd = (loss(&shifted(eps)?)? - loss(&shifted(-eps)?)?) / (2.0 * eps);
-        let analytic: Vec<f32> = gf
-            .get(x.as_tensor())
-            .expect("grad")
-            .flatten_all()?
-            .to_vec1()?;
-        assert!((fd - analytic[at]).abs() < 5e-3, "{fd} vs {}", analytic[at]);
         Ok(())
     }
 

@@ -31,7 +31,14 @@ impl RmsNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.track_op() || self.weight.track_op() {
-            crate::ops::rms_norm(x, &self.weight, self.eps)
+            let dtype = x.dtype();
+            let x32 = x.to_dtype(DType::F32)?;
+            let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+                .sqrt()?
+                .recip()?;
+            x32.broadcast_mul(&inv_rms)?
+                .to_dtype(dtype)?
+                .broadcast_mul(&self.weight)
         } else {
             candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps as f32)
         }
