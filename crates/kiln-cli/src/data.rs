@@ -32,14 +32,7 @@ pub struct SynthArgs {
 
 pub fn run(cmd: DataCommand) -> Result<()> {
     let DataCommand::Synth(args) = cmd;
-    let opts = SynthOptions {
-        seed: args.seed,
-        ..if args.quick {
-            SynthOptions::quick()
-        } else {
-            SynthOptions::default()
-        }
-    };
+    let opts = SynthOptions::sized(args.quick, args.seed);
     let summary =
         write_world(&args.out, &opts).with_context(|| format!("writing {}", args.out.display()))?;
     if args.json {

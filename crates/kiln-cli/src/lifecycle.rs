@@ -72,14 +72,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
 
     // 1. The synthetic world.
     let t = Instant::now();
-    let opts = SynthOptions {
-        seed: args.seed,
-        ..if args.quick {
-            SynthOptions::quick()
-        } else {
-            SynthOptions::default()
-        }
-    };
+    let opts = SynthOptions::sized(args.quick, args.seed);
     let data_dir = out.join("data");
     let synth = write_world(&data_dir, &opts).context("stage synth")?;
     stages.push(StageReport {

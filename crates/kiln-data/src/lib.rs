@@ -79,6 +79,16 @@ impl Default for SynthOptions {
 }
 
 impl SynthOptions {
+    /// The default size, or [`SynthOptions::quick`] when `quick`, with `seed`.
+    pub fn sized(quick: bool, seed: u64) -> Self {
+        let base = if quick {
+            Self::quick()
+        } else {
+            Self::default()
+        };
+        Self { seed, ..base }
+    }
+
     /// About five times smaller than the default.
     pub fn quick() -> Self {
         Self {
