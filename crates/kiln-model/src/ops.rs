@@ -202,7 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn softmax_matches_composed_forward_and_backward() -> Result<()> {
+    fn softmax_matches_composed_and_finite_differences() -> Result<()> {
         let dev = Device::Cpu;
         let x = Var::from_tensor(&(Tensor::randn(0f32, 3.0, (3, 5, 17), &dev)?))?;
         let w = Tensor::randn(0f32, 1.0, (3, 5, 17), &dev)?;
