@@ -17,6 +17,21 @@ pub mod rope;
 pub mod sampling;
 pub mod transformer;
 
+#[cfg(test)]
+pub(crate) mod test_util {
+    use candle_core::Tensor;
+
+    /// Largest absolute element-wise difference of two tensors of the same shape.
+    pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs())
+            .and_then(|d| d.flatten_all())
+            .and_then(|d| d.max(0))
+            .and_then(|d| d.to_scalar::<f32>())
+            .expect("diff")
+    }
+}
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device};
