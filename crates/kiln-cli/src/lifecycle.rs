@@ -57,13 +57,11 @@ struct Sample {
 
 pub fn run(args: LifecycleArgs) -> Result<()> {
     let out = &args.out;
-    if out.join("model").join("checkpoint-1").exists() || out.join("report.md").exists() {
-        // A previous run: start clean rather than resume a different configuration.
-        for sub in ["data", "model"] {
-            let p = out.join(sub);
-            if p.exists() {
-                std::fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
-            }
+    // Every run starts from a clean world and model; only kiln's own subdirectories are removed.
+    for sub in ["data", "model"] {
+        let p = out.join(sub);
+        if p.exists() {
+            std::fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
         }
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
