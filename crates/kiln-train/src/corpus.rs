@@ -7,6 +7,7 @@
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use kiln_core::{Error, Result};
@@ -30,6 +31,9 @@ pub const BOS_ID: u32 = 0;
 pub const END_OF_TEXT_ID: u32 = 1;
 pub const IM_END_ID: u32 = 3;
 pub const PAD_ID: u32 = 4;
+
+/// Text read to learn the tokenizer's merges at most.
+const TOKENIZER_SAMPLE_BYTES: usize = 64 << 20;
 
 /// The ChatML template written with every tokenizer kiln trains.
 pub const CHATML_TEMPLATE: &str = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
@@ -76,10 +80,11 @@ pub fn corpus_files(path: &Path) -> Result<Vec<PathBuf>> {
 
 /// Calls `f` with every document of the corpus: each `{"text"}` row of a JSONL file, each
 /// blank-line-separated paragraph of a text file. A row that is not JSON, has no string `text`,
-/// or a file that is not UTF-8 is an error naming the file and line.
+/// or a file that is not UTF-8 is an error naming the file and line. `f` may stop the walk by
+/// returning `ControlFlow::Break`. Returns the number of documents passed to `f`.
 pub fn for_each_document(
     files: &[PathBuf],
-    mut f: impl FnMut(&str) -> Result<()>,
+    mut f: impl FnMut(&str) -> Result<ControlFlow<()>>,
 ) -> Result<usize> {
     let mut count = 0;
     for path in files {
@@ -107,13 +112,17 @@ pub fn for_each_document(
                     ))
                 })?;
                 if !text.trim().is_empty() {
-                    f(text)?;
                     count += 1;
+                    if f(text)?.is_break() {
+                        return Ok(count);
+                    }
                 }
             } else if line.trim().is_empty() {
                 if !paragraph.trim().is_empty() {
-                    f(&paragraph)?;
                     count += 1;
+                    if f(&paragraph)?.is_break() {
+                        return Ok(count);
+                    }
                 }
                 paragraph.clear();
             } else {
@@ -124,8 +133,10 @@ pub fn for_each_document(
             }
         }
         if !paragraph.trim().is_empty() {
-            f(&paragraph)?;
             count += 1;
+            if f(&paragraph)?.is_break() {
+                return Ok(count);
+            }
         }
     }
     Ok(count)
@@ -163,10 +174,18 @@ pub fn train_tokenizer(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer
         .with_decoder(Some(ByteLevel::default()))
         .build()
         .map_err(tok_err)?;
+    // BPE merges are learned from a bounded sample (the corpus's first 64 MiB of text), so
+    // tokenizer training never needs the whole corpus in memory.
     let mut docs = Vec::new();
+    let mut sampled = 0usize;
     for_each_document(files, |d| {
+        sampled += d.len();
         docs.push(d.to_string());
-        Ok(())
+        Ok(if sampled >= TOKENIZER_SAMPLE_BYTES {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
     })?;
     if docs.is_empty() {
         return Err(Error::InvalidInput("the corpus holds no text".into()));
@@ -284,7 +303,7 @@ pub fn tokenize_corpus(
         if batch.len() == 256 {
             flush(&mut batch, &mut counts)?;
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     })?;
     flush(&mut batch, &mut counts)?;
     for (w, p) in [(&mut train, train_path), (&mut eval, eval_path)] {

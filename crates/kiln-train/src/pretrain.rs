@@ -400,7 +400,7 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
     let bar = progress_bar(cfg.max_steps, state.global_step, show_progress);
     let tokens_per_step =
         (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length) as u64;
-    let mut window = LogWindow::new(state.global_step);
+    let mut window = LogWindow::new();
     let mut last_eval = None;
     let mut tokens_trained = 0u64;
 
@@ -518,7 +518,8 @@ fn evaluate(model: &CausalLm, blocks: &mut TokenBlocks, cfg: &PretrainConfig) ->
         let rows = (start..end)
             .map(|i| blocks.block(i))
             .collect::<Result<Vec<_>>>()?;
-        // Plain tensors: no graph is recorded, the fused kernels run.
+        // The weights are variables, so candle records a graph here too; `detach` drops it as
+        // soon as the value is read.
         let loss = lm_loss(model, &rows, n * cfg.max_length)?.detach();
         total += f64::from(loss.to_scalar::<f32>()?);
         start = end;
@@ -569,7 +570,7 @@ struct LogWindow {
 }
 
 impl LogWindow {
-    fn new(_start_step: u64) -> Self {
+    fn new() -> Self {
         Self {
             loss_sum: 0.0,
             steps: 0,
@@ -600,7 +601,7 @@ impl LogWindow {
             tokens_per_second: Some(self.tokens as f64 / elapsed),
             eval_loss,
         };
-        *self = Self::new(step);
+        *self = Self::new();
         record
     }
 }
