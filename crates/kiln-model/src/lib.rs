@@ -6,7 +6,9 @@
 //! takes candle's fused kernels only where no gradient is needed; inference state (the
 //! [`KvCache`]) lives outside the weights and is passed in.
 
+pub mod attention;
 pub mod eval;
+mod gemm;
 pub mod generation;
 pub mod init;
 pub mod kv_cache;

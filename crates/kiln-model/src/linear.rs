@@ -149,6 +149,7 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut y = match &self.weight {
+            LinearWeight::Dense(w) if x.rank() == 2 => x.matmul(&w.t()?)?,
             LinearWeight::Dense(w) => {
                 // One GEMM over all leading dimensions: [.., in] -> [n, in] · [in, out].
                 let dims = x.dims();

@@ -9,25 +9,54 @@
 //! - cross-entropy of logits `z` and target `t` per row: `ℓ = logsumexp(z) − z_t`,
 //!   `∂z = g · (softmax(z) − onehot(t))`.
 //!
+//! - RMSNorm `y = w ⊙ x·r`, `r = (mean(x²) + ε)^(-1/2)` per row:
+//!   `∂x = r·(g⊙w) − x·r³·mean(g⊙w⊙x)`, `∂w = Σ_rows g⊙x·r`;
+//! - SwiGLU `y = silu(a) ⊙ u`: `∂a = g⊙u·σ(a)·(1 + a·(1 − σ(a)))`, `∂u = g⊙silu(a)`.
+//!
 //! They run for contiguous f32 tensors on the CPU; anything else takes the composed path, so
 //! results never depend on which path ran (tests compare both and check finite differences).
 
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
 };
 use rayon::prelude::*;
 
+/// The f32 values of a contiguous CPU storage.
+pub(crate) fn contiguous_f32<'a>(
+    storage: &'a CpuStorage,
+    layout: &Layout,
+    what: &str,
+) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>()?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// The values of a contiguous f32 storage and its row length (last dimension).
 fn f32_rows<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
 ) -> Result<(&'a [f32], usize)> {
-    let data = storage.as_slice::<f32>()?;
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{what}: input must be contiguous");
-    };
     let cols = layout.dims().last().copied().unwrap_or(1).max(1);
-    Ok((&data[start..end], cols))
+    Ok((contiguous_f32(storage, layout, what)?, cols))
+}
+
+/// The f32 values of a CPU tensor, borrowed for `f` (backward passes read their saved inputs
+/// this way).
+pub(crate) fn with_cpu_f32<R>(
+    t: &Tensor,
+    what: &str,
+    f: impl FnOnce(&[f32]) -> Result<R>,
+) -> Result<R> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(cpu) => f(contiguous_f32(cpu, layout, what)?),
+        _ => candle_core::bail!("{what} must be on the CPU"),
+    }
 }
 
 fn softmax_row(src: &[f32], dst: &mut [f32]) {
@@ -180,6 +209,199 @@ pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     }
 }
 
+struct RmsNorm {
+    eps: f32,
+}
+
+impl RmsNorm {
+    fn inv_rms(&self, row: &[f32]) -> f32 {
+        let mean_sq = row.iter().map(|x| x * x).sum::<f32>() / row.len() as f32;
+        1.0 / (mean_sq + self.eps).sqrt()
+    }
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "kiln-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, cols) = f32_rows(s1, l1, self.name())?;
+        let w = contiguous_f32(s2, l2, self.name())?;
+        if w.len() != cols {
+            candle_core::bail!("{}: weight of {} for rows of {cols}", self.name(), w.len());
+        }
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(cols)
+            .zip(x.par_chunks(cols))
+            .for_each(|(y, x)| {
+                let r = self.inv_rms(x);
+                for ((y, x), w) in y.iter_mut().zip(x).zip(w) {
+                    *y = x * r * w;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let cols = w.elem_count();
+        let (dx, dw) = with_cpu_f32(x, self.name(), |x| {
+            with_cpu_f32(w, self.name(), |w| {
+                with_cpu_f32(grad, self.name(), |g| {
+                    // Partial weight gradients over fixed blocks of rows, summed in order:
+                    // the result must not depend on how rayon splits the work, or a resumed
+                    // run would drift from the uninterrupted one in the last bits.
+                    const BLOCK_ROWS: usize = 64;
+                    let mut dx = vec![0f32; x.len()];
+                    let partials: Vec<Vec<f32>> = dx
+                        .par_chunks_mut(cols * BLOCK_ROWS)
+                        .zip(
+                            x.par_chunks(cols * BLOCK_ROWS)
+                                .zip(g.par_chunks(cols * BLOCK_ROWS)),
+                        )
+                        .map(|(dx, (x, g))| {
+                            let mut dw = vec![0f32; cols];
+                            for (dx, (x, g)) in dx
+                                .chunks_exact_mut(cols)
+                                .zip(x.chunks_exact(cols).zip(g.chunks_exact(cols)))
+                            {
+                                let r = self.inv_rms(x);
+                                let dot: f32 =
+                                    g.iter().zip(w).zip(x).map(|((g, w), x)| g * w * x).sum();
+                                let c = r * r * r * dot / cols as f32;
+                                for i in 0..cols {
+                                    dx[i] = r * g[i] * w[i] - c * x[i];
+                                    dw[i] += g[i] * x[i] * r;
+                                }
+                            }
+                            dw
+                        })
+                        .collect();
+                    let mut dw = vec![0f32; cols];
+                    for p in &partials {
+                        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+                    }
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
+            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+        ))
+    }
+}
+
+/// RMSNorm over the last dimension with weight `w`, differentiable in both; fused for f32 CPU
+/// tensors.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() {
+        x.contiguous()?
+            .apply_op2(&w.contiguous()?, RmsNorm { eps: eps as f32 })
+    } else {
+        let inv_rms = (x.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+        x.broadcast_mul(&inv_rms)?.broadcast_mul(w)
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+struct SwiGlu;
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "kiln-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = contiguous_f32(s1, l1, self.name())?;
+        let u = contiguous_f32(s2, l2, self.name())?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "{}: gate {:?} vs up {:?}",
+                self.name(),
+                l1.dims(),
+                l2.dims()
+            );
+        }
+        let mut out = vec![0f32; a.len()];
+        out.par_chunks_mut(4096)
+            .zip(a.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(y, (a, u))| {
+                for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
+                    *y = a * sigmoid(a) * u;
+                }
+            });
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        u: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (da, du) = with_cpu_f32(a, self.name(), |a| {
+            with_cpu_f32(u, self.name(), |u| {
+                with_cpu_f32(grad, self.name(), |g| {
+                    let mut da = vec![0f32; a.len()];
+                    let mut du = vec![0f32; a.len()];
+                    da.par_chunks_mut(4096)
+                        .zip(du.par_chunks_mut(4096))
+                        .zip(
+                            a.par_chunks(4096)
+                                .zip(u.par_chunks(4096))
+                                .zip(g.par_chunks(4096)),
+                        )
+                        .for_each(|((da, du), ((a, u), g))| {
+                            for i in 0..a.len() {
+                                let s = sigmoid(a[i]);
+                                da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+                                du[i] = g[i] * a[i] * s;
+                            }
+                        });
+                    Ok((da, du))
+                })
+            })
+        })?;
+        Ok((
+            Some(Tensor::from_vec(da, a.shape(), a.device())?),
+            Some(Tensor::from_vec(du, u.shape(), u.device())?),
+        ))
+    }
+}
+
+/// `silu(gate) ⊙ up`, the gated activation of the Llama MLP, differentiable in both; fused
+/// for f32 CPU tensors.
+pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if gate.dtype() == DType::F32 && up.dtype() == DType::F32 && gate.device().is_cpu() {
+        gate.contiguous()?.apply_op2(&up.contiguous()?, SwiGlu)
+    } else {
+        gate.silu()? * up
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,5 +470,82 @@ mod tests {
             );
         }
         Ok(())
+    }
+
+    /// Checks a fused two-input op against its composition: values, gradients of a weighted
+    /// sum, and central differences on a few coordinates.
+    fn check_op2(
+        fused: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        composed: impl Fn(&Tensor, &Tensor) -> Result<Tensor>,
+        a: Tensor,
+        b: Tensor,
+    ) -> Result<()> {
+        let dev = Device::Cpu;
+        let (va, vb) = (Var::from_tensor(&a)?, Var::from_tensor(&b)?);
+        let yf = fused(va.as_tensor(), vb.as_tensor())?;
+        let yc = composed(va.as_tensor(), vb.as_tensor())?;
+        assert!(max_diff(&yf, &yc) < 1e-5, "forward {}", max_diff(&yf, &yc));
+        let w = Tensor::randn(0f32, 1.0, yf.shape(), &dev)?;
+        let gf = (&yf * &w)?.sum_all()?.backward()?;
+        let gc = (&yc * &w)?.sum_all()?.backward()?;
+        for v in [&va, &vb] {
+            let (x, y) = (gf.get(v).expect("fused"), gc.get(v).expect("composed"));
+            assert!(max_diff(x, y) < 1e-4, "gradient {}", max_diff(x, y));
+        }
+        let loss = |a: &Tensor, b: &Tensor| -> Result<f64> {
+            let y = fused(a, b)?.to_dtype(DType::F64)?;
+            (y * w.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()
+        };
+        let eps = 1e-2f32;
+        for (which, v) in [&va, &vb].into_iter().enumerate() {
+            let grad: Vec<f32> = gf.get(v).expect("grad").flatten_all()?.to_vec1()?;
+            let base: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
+            for idx in [0, base.len() / 2, base.len() - 1] {
+                let at = |delta: f32| -> Result<f64> {
+                    let mut data = base.clone();
+                    data[idx] += delta;
+                    let moved = Tensor::from_vec(data, v.shape(), &dev)?;
+                    if which == 0 {
+                        loss(&moved, vb.as_tensor())
+                    } else {
+                        loss(va.as_tensor(), &moved)
+                    }
+                };
+                let fd = (at(eps)? - at(-eps)?) / (2.0 * eps as f64);
+                assert!(
+                    (fd - grad[idx] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "input {which}[{idx}]: finite difference {fd} vs {}",
+                    grad[idx]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_matches_composed_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        check_op2(
+            |x, w| rms_norm(x, w, 1e-5),
+            |x, w| {
+                let inv = (x.sqr()?.mean_keepdim(D::Minus1)? + 1e-5)?
+                    .sqrt()?
+                    .recip()?;
+                x.broadcast_mul(&inv)?.broadcast_mul(w)
+            },
+            Tensor::randn(0f32, 2.0, (5, 3, 16), &dev)?,
+            Tensor::randn(1f32, 0.3, 16, &dev)?,
+        )
+    }
+
+    #[test]
+    fn swiglu_matches_composed_and_finite_differences() -> Result<()> {
+        let dev = Device::Cpu;
+        check_op2(
+            swiglu,
+            |a, u| a.silu()? * u,
+            Tensor::randn(0f32, 2.0, (4, 33), &dev)?,
+            Tensor::randn(0f32, 1.0, (4, 33), &dev)?,
+        )
     }
 }

@@ -83,6 +83,12 @@ impl RotaryEmbedding {
 }
 
 impl RopeTables {
+    /// `cos` and `sin` as flat f32 `[seq · head_dim / 2]` vectors, for the fused kernels.
+    pub(crate) fn to_f32_vecs(&self) -> Result<(Vec<f32>, Vec<f32>)> {
+        let flat = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        Ok((flat(&self.cos)?, flat(&self.sin)?))
+    }
+
     /// Rotates `x` (`[batch, heads, seq, head_dim]`).
     ///
     /// candle's fused `rope` kernel records no backward, so it is used only when `x` carries no

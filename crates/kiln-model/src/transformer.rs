@@ -10,6 +10,7 @@ use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use kiln_core::ModelConfig;
 
+use crate::attention::CausalSelfAttention;
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::rope::{RopeTables, RotaryEmbedding};
@@ -30,7 +31,12 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() || self.weight.track_op() {
+        if x.dtype() == DType::F32
+            && x.device().is_cpu()
+            && (x.track_op() || self.weight.track_op())
+        {
+            crate::ops::rms_norm(x, &self.weight, self.eps)
+        } else if x.track_op() || self.weight.track_op() {
             let dtype = x.dtype();
             let x32 = x.to_dtype(DType::F32)?;
             let inv_rms = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
@@ -83,15 +89,24 @@ impl Attention {
         })
     }
 
+    /// `x` is `[batch · seq, hidden]`; so is the result.
     fn forward(
         &self,
         x: &Tensor,
-        rope: &RopeTables,
-        mask: Option<&Tensor>,
+        ctx: &LayerContext,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let (b, s, _) = x.dims3()?;
+        let (b, s) = (ctx.batch, ctx.seq);
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        if let (Some(fused), None) = (ctx.fused, &cache) {
+            let out = fused.apply(
+                &self.q_proj.forward(x)?,
+                &self.k_proj.forward(x)?,
+                &self.v_proj.forward(x)?,
+            )?;
+            return self.o_proj.forward(&out);
+        }
+        let (rope, mask) = (ctx.rope, ctx.mask);
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd))?.transpose(1, 2);
         let q = rope.apply(&heads(self.q_proj.forward(x)?, nh)?)?;
         let k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?)?;
@@ -119,9 +134,20 @@ impl Attention {
         let out = out
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
-            .reshape((b, s, nh * hd))?;
+            .reshape((b * s, nh * hd))?;
         self.o_proj.forward(&out)
     }
+}
+
+/// What every layer of one forward pass shares.
+struct LayerContext<'a> {
+    batch: usize,
+    seq: usize,
+    rope: &'a RopeTables,
+    /// The additive mask of the composed path.
+    mask: Option<&'a Tensor>,
+    /// The fused attention op, when it serves this pass.
+    fused: Option<&'a CausalSelfAttention>,
 }
 
 #[derive(Debug, Clone)]
@@ -142,8 +168,9 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate_proj.forward(x)?.silu()?;
-        self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?)
     }
 }
 
@@ -176,14 +203,12 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        rope: &RopeTables,
-        mask: Option<&Tensor>,
+        ctx: &LayerContext,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        let h =
-            (x + self
-                .self_attn
-                .forward(&self.input_layernorm.forward(x)?, rope, mask, cache)?)?;
+        let h = (x + self
+            .self_attn
+            .forward(&self.input_layernorm.forward(x)?, ctx, cache)?)?;
         &h + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?
@@ -269,26 +294,56 @@ impl CausalLm {
             candle_core::bail!("forward pass over an empty sequence: input_ids has shape [{b}, 0]");
         }
         let start = cache.as_ref().map_or(0, |c| c.len());
+        // The hidden state stays `[batch · seq, hidden]` through the layers: every op but
+        // attention is row-wise, and a reshape would be one more node in the backward graph.
         let mut x = self
             .embed_tokens
-            .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, s, self.cfg.hidden_size))?;
+            .index_select(&input_ids.flatten_all()?, 0)?;
         let rope = self.rope.tables(start, s, x.dtype())?;
-        let full_mask = self.attention_mask(start, s, None, x.dtype())?;
-        let window_mask = match self.cfg.sliding_window {
-            Some(w) => self.attention_mask(start, s, Some(w), x.dtype())?,
+        let cfg = &self.cfg;
+        // Without a cache (training, scoring, prefill from scratch) attention runs fused.
+        let fused_for = |window: Option<usize>| -> Result<Option<CausalSelfAttention>> {
+            if cache.is_some() || !crate::attention::supported(x.dtype(), x.device()) {
+                return Ok(None);
+            }
+            let (nh, nkv, hd) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+            CausalSelfAttention::new(b, s, nh, nkv, hd, window, &rope).map(Some)
+        };
+        let fused_full = fused_for(None)?;
+        let fused_window = match cfg.sliding_window {
+            Some(w) => fused_for(Some(w))?,
             None => None,
         };
+        let (full_mask, window_mask) = if fused_full.is_some() {
+            (None, None)
+        } else {
+            let window_mask = match cfg.sliding_window {
+                Some(w) => self.attention_mask(start, s, Some(w), x.dtype())?,
+                None => None,
+            };
+            (self.attention_mask(start, s, None, x.dtype())?, window_mask)
+        };
         for (i, layer) in self.layers.iter().enumerate() {
-            let mask = if self.cfg.sliding_layers[i] {
-                &window_mask
-            } else {
-                &full_mask
+            let windowed = cfg.sliding_layers[i];
+            let ctx = LayerContext {
+                batch: b,
+                seq: s,
+                rope: &rope,
+                mask: if windowed {
+                    window_mask.as_ref()
+                } else {
+                    full_mask.as_ref()
+                },
+                fused: if windowed {
+                    fused_window.as_ref()
+                } else {
+                    fused_full.as_ref()
+                },
             };
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
-            x = layer.forward(&x, &rope, mask.as_ref(), layer_cache)?;
+            x = layer.forward(&x, &ctx, layer_cache)?;
         }
-        self.norm.forward(&x)
+        self.norm.forward(&x)?.reshape((b, s, cfg.hidden_size))
     }
 
     /// Logits for every position, `[batch, seq, vocab]`, in f32.
