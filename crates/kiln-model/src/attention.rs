@@ -18,14 +18,19 @@
 //! gradients of a group are summed without contention. Tests check the op against the composed
 //! candle path and against finite differences.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{MatMut, MatRef, matmul};
-use crate::ops::{contiguous_f32, with_cpu_f32};
+use crate::ops::{contiguous_f32, exp_sum_in_place, max_of, with_cpu_f32};
 use crate::rope::RopeTables;
+
+/// Rows per block of the causal products: small enough to skip most of the masked triangle,
+/// large enough for the GEMM to run at speed.
+const BLOCK: usize = 64;
 
 /// Shapes and tables of one fused attention call; Q is `[batch · seq, heads · head_dim]` (or
 /// `[batch, seq, heads · head_dim]`), K and V `[batch · seq, kv_heads · head_dim]`.
@@ -123,30 +128,118 @@ impl CausalSelfAttention {
         }
     }
 
+    /// The causal structure in blocks of `BLOCK` rows: for the queries `rows`, the keys they
+    /// see lie in `keys`. Products are formed block by block over these ranges only, which
+    /// skips the masked upper triangle (and, with a window, what lies before it).
+    fn query_blocks(&self) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
+        (0..self.seq).step_by(BLOCK).map(move |r0| {
+            let r1 = (r0 + BLOCK).min(self.seq);
+            (r0..r1, self.visible_from(r0)..r1)
+        })
+    }
+
+    /// For the keys `keys` (a block of `BLOCK`), the queries that see any of them.
+    fn key_blocks(&self) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
+        (0..self.seq).step_by(BLOCK).map(move |c0| {
+            let c1 = (c0 + BLOCK).min(self.seq);
+            let last = self.window.map_or(self.seq, |w| (c1 - 1 + w).min(self.seq));
+            (c0..c1, c0..last)
+        })
+    }
+
     /// `P = softmax(mask(scale · QᵣKᵣᵀ))` into `p` (`[seq, seq]`), masked entries exactly zero.
     fn probabilities(&self, qr: &[f32], kr: &[f32], p: &mut [f32]) -> Result<()> {
         let (t, d) = (self.seq, self.head_dim);
         let scale = 1.0 / (d as f32).sqrt();
-        matmul(
-            &mut MatMut::new(p, 0, t, t, t)?,
-            MatRef::new(qr, 0, t, d, d)?,
-            MatRef::new(kr, 0, t, d, d)?.t(),
-            scale,
-            false,
-        )?;
+        for (rows, keys) in self.query_blocks() {
+            matmul(
+                &mut MatMut::new(p, rows.start * t + keys.start, rows.len(), keys.len(), t)?,
+                MatRef::new(qr, rows.start * d, rows.len(), d, d)?,
+                MatRef::new(kr, keys.start * d, keys.len(), d, d)?.t(),
+                scale,
+                false,
+            )?;
+        }
         for (i, row) in p.chunks_exact_mut(t).enumerate() {
             let lo = self.visible_from(i);
             let seen = &mut row[lo..=i];
-            let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0.0;
+            let max = max_of(seen);
             for x in seen.iter_mut() {
-                *x = (*x - max).exp();
-                sum += *x;
+                *x -= max;
             }
-            let inv = 1.0 / sum;
+            let inv = 1.0 / exp_sum_in_place(seen);
             seen.iter_mut().for_each(|x| *x *= inv);
             row[..lo].fill(0.0);
             row[i + 1..].fill(0.0);
+        }
+        Ok(())
+    }
+
+    /// `dst[rows] (+)= beta · P[rows, keys] · src[keys]` for each query block: a product with the
+    /// attention matrix (or `∂S`) on the left, over the visible keys only.
+    #[allow(clippy::too_many_arguments)]
+    fn causal_left(
+        &self,
+        dst: &mut [f32],
+        dst_offset: usize,
+        p: &[f32],
+        src: &[f32],
+        src_offset: usize,
+        src_stride: usize,
+        beta: f32,
+    ) -> Result<()> {
+        let (t, d) = (self.seq, self.head_dim);
+        for (rows, keys) in self.query_blocks() {
+            matmul(
+                &mut MatMut::new(dst, dst_offset + rows.start * d, rows.len(), d, d)?,
+                MatRef::new(p, rows.start * t + keys.start, rows.len(), keys.len(), t)?,
+                MatRef::new(
+                    src,
+                    src_offset + keys.start * src_stride,
+                    keys.len(),
+                    d,
+                    src_stride,
+                )?,
+                beta,
+                false,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// `dst[keys] += beta · P[queries, keys]ᵀ · src[queries]` for each key block: a product with
+    /// the transposed attention matrix (or `∂S`), over the queries that see each key.
+    fn causal_left_t(
+        &self,
+        dst: &mut [f32],
+        p: &[f32],
+        src: &[f32],
+        src_offset: usize,
+        src_stride: usize,
+        beta: f32,
+    ) -> Result<()> {
+        let (t, d) = (self.seq, self.head_dim);
+        for (keys, queries) in self.key_blocks() {
+            matmul(
+                &mut MatMut::new(dst, keys.start * d, keys.len(), d, d)?,
+                MatRef::new(
+                    p,
+                    queries.start * t + keys.start,
+                    queries.len(),
+                    keys.len(),
+                    t,
+                )?
+                .t(),
+                MatRef::new(
+                    src,
+                    src_offset + queries.start * src_stride,
+                    queries.len(),
+                    d,
+                    src_stride,
+                )?,
+                beta,
+                true,
+            )?;
         }
         Ok(())
     }
@@ -178,20 +271,13 @@ impl CausalSelfAttention {
             let h = g * rep + r;
             self.rope_rows(q, b * t * q_row + h * d, q_row, &mut qr);
             self.probabilities(&qr, &kr, &mut p)?;
-            matmul(
-                &mut MatMut::new(&mut out, r * t * d, t, d, d)?,
-                MatRef::new(&p, 0, t, t, t)?,
-                MatRef::new(v, kv_offset, t, d, kv_row)?,
-                1.0,
-                false,
-            )?;
+            self.causal_left(&mut out, r * t * d, &p, v, kv_offset, kv_row, 1.0)?;
         }
         Ok(out)
     }
 
     /// Gradients of KV group `(b, g)`: `∂Q` of its query heads `[rep, seq, head_dim]`, and `∂K`,
     /// `∂V` `[seq, head_dim]`.
-    #[allow(clippy::too_many_arguments)]
     fn backward_group(
         &self,
         q: &[f32],
@@ -213,7 +299,6 @@ impl CausalSelfAttention {
         let scale = 1.0 / (d as f32).sqrt();
         let mut kr = vec![0f32; t * d];
         self.rope_rows(k, kv_offset, kv_row, &mut kr);
-        let v_view = MatRef::new(v, kv_offset, t, d, kv_row)?;
         let mut qr = vec![0f32; t * d];
         let mut p = vec![0f32; t * t];
         let mut dp = vec![0f32; t * t];
@@ -225,48 +310,37 @@ impl CausalSelfAttention {
             let q_offset = b * t * q_row + h * d;
             self.rope_rows(q, q_offset, q_row, &mut qr);
             self.probabilities(&qr, &kr, &mut p)?;
-            let p_view = MatRef::new(&p, 0, t, t, t)?;
-            let do_view = MatRef::new(dout, q_offset, t, d, q_row)?;
-            matmul(
-                &mut MatMut::new(&mut dv, 0, t, d, d)?,
-                p_view.t(),
-                do_view,
-                1.0,
-                true,
-            )?;
-            matmul(
-                &mut MatMut::new(&mut dp, 0, t, t, t)?,
-                do_view,
-                v_view.t(),
-                1.0,
-                false,
-            )?;
+            // ∂V += Pᵀ·∂O
+            self.causal_left_t(&mut dv, &p, dout, q_offset, q_row, 1.0)?;
+            // ∂P = ∂O·Vᵀ on the visible blocks, then ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)).
+            for (rows, keys) in self.query_blocks() {
+                matmul(
+                    &mut MatMut::new(
+                        &mut dp,
+                        rows.start * t + keys.start,
+                        rows.len(),
+                        keys.len(),
+                        t,
+                    )?,
+                    MatRef::new(dout, q_offset + rows.start * q_row, rows.len(), d, q_row)?,
+                    MatRef::new(v, kv_offset + keys.start * kv_row, keys.len(), d, kv_row)?.t(),
+                    1.0,
+                    false,
+                )?;
+            }
             for (i, (dp_row, p_row)) in dp.chunks_exact_mut(t).zip(p.chunks_exact(t)).enumerate() {
                 let lo = self.visible_from(i);
-                let dot: f32 = dp_row[lo..=i]
-                    .iter()
-                    .zip(&p_row[lo..=i])
-                    .map(|(a, b)| a * b)
-                    .sum();
-                for (x, &pv) in dp_row.iter_mut().zip(p_row) {
+                let (seen, probs) = (&mut dp_row[lo..=i], &p_row[lo..=i]);
+                let dot: f32 = seen.iter().zip(probs).map(|(a, b)| a * b).sum();
+                for (x, &pv) in seen.iter_mut().zip(probs) {
                     *x = pv * (*x - dot);
                 }
+                dp_row[..lo].fill(0.0);
+                dp_row[i + 1..].fill(0.0);
             }
-            let ds_view = MatRef::new(&dp, 0, t, t, t)?;
-            matmul(
-                &mut MatMut::new(&mut dq, r * t * d, t, d, d)?,
-                ds_view,
-                MatRef::new(&kr, 0, t, d, d)?,
-                scale,
-                false,
-            )?;
-            matmul(
-                &mut MatMut::new(&mut dk, 0, t, d, d)?,
-                ds_view.t(),
-                MatRef::new(&qr, 0, t, d, d)?,
-                scale,
-                true,
-            )?;
+            // ∂Qᵣ = scale · ∂S·Kᵣ, ∂Kᵣ += scale · ∂Sᵀ·Qᵣ
+            self.causal_left(&mut dq, r * t * d, &dp, &kr, 0, d, scale)?;
+            self.causal_left_t(&mut dk, &dp, &qr, 0, d, scale)?;
         }
         self.unrope_rows(&mut dq);
         self.unrope_rows(&mut dk);
@@ -316,6 +390,40 @@ struct GroupGrads {
     dv: Vec<f32>,
 }
 
+impl CausalSelfAttention {
+    /// The forward pass over Q, K, V in the projections' layout: the output, shaped like Q.
+    pub(crate) fn forward_f32(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+        self.check_sizes(q.len(), k.len(), v.len())?;
+        let groups: Vec<Vec<f32>> = (0..self.batch * self.kv_heads)
+            .into_par_iter()
+            .map(|i| self.forward_group(q, k, v, i / self.kv_heads, i % self.kv_heads))
+            .collect::<Result<_>>()?;
+        let refs: Vec<&[f32]> = groups.iter().map(Vec::as_slice).collect();
+        Ok(self.scatter(&refs, self.rep(), self.kv_heads))
+    }
+
+    /// The backward pass for the output gradient `dout`: `∂Q`, `∂K`, `∂V`.
+    pub(crate) fn backward_f32(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        dout: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        self.check_sizes(q.len(), k.len(), v.len())?;
+        let grads: Vec<GroupGrads> = (0..self.batch * self.kv_heads)
+            .into_par_iter()
+            .map(|i| self.backward_group(q, k, v, dout, i / self.kv_heads, i % self.kv_heads))
+            .collect::<Result<_>>()?;
+        let pick = |f: fn(&GroupGrads) -> &[f32]| grads.iter().map(f).collect::<Vec<_>>();
+        Ok((
+            self.scatter(&pick(|g| &g.dq), self.rep(), self.kv_heads),
+            self.scatter(&pick(|g| &g.dk), 1, self.kv_heads),
+            self.scatter(&pick(|g| &g.dv), 1, self.kv_heads),
+        ))
+    }
+}
+
 impl CustomOp3 for CausalSelfAttention {
     fn name(&self) -> &'static str {
         "kiln-causal-self-attention"
@@ -333,13 +441,7 @@ impl CustomOp3 for CausalSelfAttention {
         let q = contiguous_f32(s1, l1, "fused attention: Q")?;
         let k = contiguous_f32(s2, l2, "fused attention: K")?;
         let v = contiguous_f32(s3, l3, "fused attention: V")?;
-        self.check_sizes(q.len(), k.len(), v.len())?;
-        let groups: Vec<Vec<f32>> = (0..self.batch * self.kv_heads)
-            .into_par_iter()
-            .map(|i| self.forward_group(q, k, v, i / self.kv_heads, i % self.kv_heads))
-            .collect::<Result<_>>()?;
-        let refs: Vec<&[f32]> = groups.iter().map(Vec::as_slice).collect();
-        let out = self.scatter(&refs, self.rep(), self.kv_heads);
+        let out = self.forward_f32(q, k, v)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -351,26 +453,15 @@ impl CustomOp3 for CausalSelfAttention {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grads: Vec<GroupGrads> = with_cpu_f32(q, "Q", |q| {
+        let (dq, dk, dv) = with_cpu_f32(q, "Q", |q| {
             with_cpu_f32(k, "K", |k| {
                 with_cpu_f32(v, "V", |v| {
                     with_cpu_f32(grad_res, "the output gradient", |dout| {
-                        self.check_sizes(q.len(), k.len(), v.len())?;
-                        (0..self.batch * self.kv_heads)
-                            .into_par_iter()
-                            .map(|i| {
-                                let (b, g) = (i / self.kv_heads, i % self.kv_heads);
-                                self.backward_group(q, k, v, dout, b, g)
-                            })
-                            .collect()
+                        self.backward_f32(q, k, v, dout)
                     })
                 })
             })
         })?;
-        let pick = |f: fn(&GroupGrads) -> &[f32]| grads.iter().map(f).collect::<Vec<_>>();
-        let dq = self.scatter(&pick(|g| &g.dq), self.rep(), self.kv_heads);
-        let dk = self.scatter(&pick(|g| &g.dk), 1, self.kv_heads);
-        let dv = self.scatter(&pick(|g| &g.dv), 1, self.kv_heads);
         let dev = q.device();
         Ok((
             Some(Tensor::from_vec(dq, q.shape(), dev)?),
@@ -540,6 +631,20 @@ mod tests {
             head_dim: 6,
             window: Some(3),
         })
+    }
+
+    #[test]
+    fn blocks_of_a_long_sequence_cover_every_visible_key() -> Result<()> {
+        let long = |window| Case {
+            batch: 1,
+            seq: 2 * BLOCK + 22,
+            heads: 2,
+            kv_heads: 1,
+            head_dim: 4,
+            window,
+        };
+        check(long(None))?;
+        check(long(Some(BLOCK + 5)))
     }
 
     #[test]

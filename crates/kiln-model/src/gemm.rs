@@ -105,13 +105,41 @@ fn check_bounds(
 }
 
 /// `dst = beta · a·b` when `accumulate` is false, `dst += beta · a·b` when it is true; single
-/// threaded (the fused kernels parallelise over heads instead).
+/// threaded, for kernels that parallelise over heads instead.
 pub(crate) fn matmul(
     dst: &mut MatMut<'_>,
     a: MatRef<'_>,
     b: MatRef<'_>,
     beta: f32,
     accumulate: bool,
+) -> Result<()> {
+    product(dst, a, b, beta, accumulate, gemm::Parallelism::None)
+}
+
+/// As [`matmul`], on every thread of the rayon pool: for the large products of a layer.
+pub(crate) fn matmul_threaded(
+    dst: &mut MatMut<'_>,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    accumulate: bool,
+) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    product(dst, a, b, beta, accumulate, parallelism)
+}
+
+fn product(
+    dst: &mut MatMut<'_>,
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    beta: f32,
+    accumulate: bool,
+    parallelism: gemm::Parallelism,
 ) -> Result<()> {
     if a.rows != dst.rows || b.cols != dst.cols || a.cols != b.rows {
         candle_core::bail!(
@@ -164,7 +192,7 @@ pub(crate) fn matmul(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            parallelism,
         );
     }
     Ok(())

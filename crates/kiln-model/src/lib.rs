@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod eval;
+pub mod fused_layer;
 mod gemm;
 pub mod generation;
 pub mod init;

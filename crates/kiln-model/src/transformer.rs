@@ -6,13 +6,16 @@
 //! kernels (RMSNorm, RoPE, softmax), which record no backward, are taken only when the input
 //! carries no gradient (`Tensor::track_op`), so inference is fast and training is exact.
 
+use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 use kiln_core::ModelConfig;
 
 use crate::attention::CausalSelfAttention;
+use crate::fused_layer::{FusedDecoderLayer, GradSink, LayerWeights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
+use crate::linear::LinearWeight;
 use crate::rope::{RopeTables, RotaryEmbedding};
 
 /// Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in f32 as transformers does.
@@ -148,6 +151,8 @@ struct LayerContext<'a> {
     mask: Option<&'a Tensor>,
     /// The fused attention op, when it serves this pass.
     fused: Option<&'a CausalSelfAttention>,
+    /// Where fused layers leave their weight gradients; `None` when layers run composed.
+    sink: Option<&'a GradSink>,
 }
 
 #[derive(Debug, Clone)]
@@ -206,12 +211,44 @@ impl DecoderLayer {
         ctx: &LayerContext,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
+        if let (Some(attention), Some(sink), None, true) =
+            (ctx.fused, ctx.sink, &cache, x.track_op())
+            && let Some(weights) = self.fusable_weights()
+        {
+            return FusedDecoderLayer::new(weights, attention.clone(), sink.clone())?.apply(x);
+        }
         let h = (x + self
             .self_attn
             .forward(&self.input_layernorm.forward(x)?, ctx, cache)?)?;
         &h + self
             .mlp
             .forward(&self.post_attention_layernorm.forward(&h)?)?
+    }
+
+    /// The weights, when the whole layer can run as one fused training op: dense f32 linears
+    /// without bias or adapter.
+    fn fusable_weights(&self) -> Option<LayerWeights> {
+        let dense = |l: &Linear| match (l.weight(), l.bias(), l.lora()) {
+            (LinearWeight::Dense(w), None, None) if w.dtype() == DType::F32 => Some(w.clone()),
+            _ => None,
+        };
+        let (attn, mlp) = (&self.self_attn, &self.mlp);
+        let eps = self.input_layernorm.eps;
+        if eps != self.post_attention_layernorm.eps {
+            return None;
+        }
+        Some(LayerWeights {
+            input_norm: self.input_layernorm.weight.clone(),
+            q: dense(&attn.q_proj)?,
+            k: dense(&attn.k_proj)?,
+            v: dense(&attn.v_proj)?,
+            o: dense(&attn.o_proj)?,
+            post_norm: self.post_attention_layernorm.weight.clone(),
+            gate: dense(&mlp.gate_proj)?,
+            up: dense(&mlp.up_proj)?,
+            down: dense(&mlp.down_proj)?,
+            eps: eps as f32,
+        })
     }
 
     fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
@@ -236,6 +273,10 @@ pub struct CausalLm {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
+    /// Weight gradients of fused layers, collected by [`CausalLm::backward`].
+    grad_sink: GradSink,
+    /// Whether training passes run each decoder layer as one fused op.
+    fused_layers: bool,
 }
 
 impl CausalLm {
@@ -262,7 +303,25 @@ impl CausalLm {
             norm,
             lm_head,
             rope: RotaryEmbedding::new(&cfg.rope, cfg.head_dim, vb.device())?,
+            grad_sink: GradSink::default(),
+            fused_layers: true,
         })
+    }
+
+    /// Gradients of `loss` with respect to every variable it depends on. Use this rather than
+    /// `loss.backward()`: layers that train as one fused op compute their weight gradients
+    /// themselves, and this is where they join the store.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        self.grad_sink.drain_into(&mut grads)?;
+        Ok(grads)
+    }
+
+    /// Turns the fused decoder-layer op of training passes on (the default) or off. Off, every
+    /// layer is composed from separately differentiable ops: the reference the fused op is
+    /// tested against, and a way to rule it out when a result looks wrong.
+    pub fn set_fused_layers(&mut self, enabled: bool) {
+        self.fused_layers = enabled;
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -339,6 +398,7 @@ impl CausalLm {
                 } else {
                     fused_full.as_ref()
                 },
+                sink: self.fused_layers.then_some(&self.grad_sink),
             };
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &ctx, layer_cache)?;

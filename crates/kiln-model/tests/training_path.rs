@@ -102,7 +102,7 @@ fn every_parameter_gets_a_gradient() {
     let logits = model.forward(&ids, None).unwrap();
     assert_eq!(logits.dims(), [2, 8, 445]);
     let loss = next_token_loss(&logits, &ids).unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = model.backward(&loss).unwrap();
 
     let data = varmap.data().lock().unwrap();
     let mut names: Vec<&String> = data.keys().collect();
@@ -127,12 +127,56 @@ fn every_parameter_gets_a_gradient() {
     );
 }
 
+/// The fused decoder-layer op and the layer composed of separately differentiable ops give the
+/// same loss and the same gradient for every parameter.
+#[test]
+fn fused_layers_match_the_composed_layers() {
+    let (varmap, mut model) = trainable_fixture().unwrap();
+    let ids = batch();
+    let loss = next_token_loss(&model.forward(&ids, None).unwrap(), &ids).unwrap();
+    let fused = model.backward(&loss).unwrap();
+    model.set_fused_layers(false);
+    let loss_ref = next_token_loss(&model.forward(&ids, None).unwrap(), &ids).unwrap();
+    let composed = model.backward(&loss_ref).unwrap();
+    let (a, b) = (
+        loss.to_scalar::<f32>().unwrap(),
+        loss_ref.to_scalar::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
+    let data = varmap.data().lock().unwrap();
+    for (name, var) in data.iter() {
+        let f = fused.get(var.as_tensor()).expect("fused gradient");
+        let c = composed.get(var.as_tensor()).expect("composed gradient");
+        let scale = c
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (f - c)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= 1e-4 * scale.max(1e-3),
+            "{name}: fused and composed gradients differ by {diff} (scale {scale})"
+        );
+    }
+}
+
 #[test]
 fn gradient_matches_finite_differences() {
     let (varmap, model) = trainable_fixture().unwrap();
     let ids = batch();
     let logits = model.forward(&ids, None).unwrap();
-    let grads = next_token_loss(&logits, &ids).unwrap().backward().unwrap();
+    let grads = model
+        .backward(&next_token_loss(&logits, &ids).unwrap())
+        .unwrap();
     let vars = varmap.all_vars();
     let g: Vec<Tensor> = vars
         .iter()
@@ -201,7 +245,9 @@ fn lora_on_a_frozen_model_trains_a_and_b_only() {
 
     let ids = batch();
     let logits = model.forward(&ids, None).unwrap();
-    let grads = next_token_loss(&logits, &ids).unwrap().backward().unwrap();
+    let grads = model
+        .backward(&next_token_loss(&logits, &ids).unwrap())
+        .unwrap();
     for (which, var) in [("A", &a), ("B", &b)] {
         let g = grads
             .get(var.as_tensor())

@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{CpuStorage, DType, InplaceOp2, InplaceOp3, Layout, Result, Tensor, Var};
+use rayon::prelude::*;
 
 /// A trainable parameter and its checkpoint name.
 #[derive(Debug, Clone)]
@@ -118,18 +119,33 @@ impl AdamW {
                     v: g.zeros_like()?,
                 },
             };
-            let m = ((&state.m * c.beta1)? + (&g * (1.0 - c.beta1))?)?;
-            let v = ((&state.v * c.beta2)? + (g.sqr()? * (1.0 - c.beta2))?)?;
-            let p = param.var.as_tensor().to_dtype(DType::F32)?;
-            let p = if param.decay && c.weight_decay != 0.0 {
-                (p * (1.0 - c.lr * c.weight_decay))?
-            } else {
-                p
+            let scalars = Scalars {
+                beta1: c.beta1 as f32,
+                beta2: c.beta2 as f32,
+                decay: if param.decay {
+                    (1.0 - c.lr * c.weight_decay) as f32
+                } else {
+                    1.0
+                },
+                bias_correction2_sqrt: bias_correction2_sqrt as f32,
+                eps: c.eps as f32,
+                step_size: step_size as f32,
             };
-            let denom = ((v.sqrt()? / bias_correction2_sqrt)? + c.eps)?;
-            let update = (m.div(&denom)? * step_size)?;
-            let p = (p - update)?.to_dtype(param.var.dtype())?;
-            param.var.set(&p)?;
+            let var = param.var.as_tensor();
+            let fused = [var, &g, &state.m, &state.v]
+                .iter()
+                .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous());
+            let Moments { m, v } = if fused {
+                // In place, three passes over memory and no allocation.
+                state.m.inplace_op2(&g, &FirstMoment(scalars.beta1))?;
+                state.v.inplace_op2(&g, &SecondMoment(scalars.beta2))?;
+                var.inplace_op3(&state.m, &state.v, &ParamStep(scalars))?;
+                state
+            } else {
+                let (p, m, v) = composed_update(&var.to_dtype(DType::F32)?, &g, &state, &scalars)?;
+                param.var.set(&p.to_dtype(param.var.dtype())?)?;
+                Moments { m, v }
+            };
             *moments = Some(Moments { m, v });
         }
         Ok(())
@@ -189,4 +205,128 @@ impl AdamW {
             .map(|s| (s.m.elem_count() + s.v.elem_count()) * 4)
             .sum()
     }
+}
+
+/// The per-step constants of the update, in the f32 the arithmetic runs in.
+#[derive(Debug, Clone, Copy)]
+struct Scalars {
+    beta1: f32,
+    beta2: f32,
+    /// `1 − lr·wd`, or 1 for a parameter exempt from decay.
+    decay: f32,
+    bias_correction2_sqrt: f32,
+    eps: f32,
+    step_size: f32,
+}
+
+/// Elements per parallel work item of the in-place kernels.
+const CHUNK: usize = 16 * 1024;
+
+fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("AdamW: optimizer tensors must be contiguous");
+    };
+    match s {
+        CpuStorage::F32(data) => Ok(&mut data[start..end]),
+        _ => candle_core::bail!("AdamW: optimizer tensors must be f32"),
+    }
+}
+
+fn cpu_f32<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!("AdamW: optimizer tensors must be contiguous");
+    };
+    Ok(&s.as_slice::<f32>()?[start..end])
+}
+
+/// `m ← β1·m + (1 − β1)·g`, in place.
+struct FirstMoment(f32);
+
+impl InplaceOp2 for FirstMoment {
+    fn name(&self) -> &'static str {
+        "kiln-adamw-first-moment"
+    }
+
+    fn cpu_fwd(&self, m: &mut CpuStorage, ml: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let (m, g, b) = (cpu_f32_mut(m, ml)?, cpu_f32(g, gl)?, self.0);
+        m.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(m, g)| {
+                m.iter_mut()
+                    .zip(g)
+                    .for_each(|(m, g)| *m = *m * b + g * (1.0 - b))
+            });
+        Ok(())
+    }
+}
+
+/// `v ← β2·v + (1 − β2)·g²`, in place.
+struct SecondMoment(f32);
+
+impl InplaceOp2 for SecondMoment {
+    fn name(&self) -> &'static str {
+        "kiln-adamw-second-moment"
+    }
+
+    fn cpu_fwd(&self, v: &mut CpuStorage, vl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let (v, g, b) = (cpu_f32_mut(v, vl)?, cpu_f32(g, gl)?, self.0);
+        v.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(v, g)| {
+                v.iter_mut()
+                    .zip(g)
+                    .for_each(|(v, g)| *v = *v * b + g * g * (1.0 - b))
+            });
+        Ok(())
+    }
+}
+
+/// `p ← p·(1 − lr·wd) − step · m / (√v / √(1 − β2ᵗ) + ε)`, in place.
+struct ParamStep(Scalars);
+
+impl InplaceOp3 for ParamStep {
+    fn name(&self) -> &'static str {
+        "kiln-adamw-step"
+    }
+
+    fn cpu_fwd(
+        &self,
+        p: &mut CpuStorage,
+        pl: &Layout,
+        m: &CpuStorage,
+        ml: &Layout,
+        v: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<()> {
+        let (p, m, v, k) = (
+            cpu_f32_mut(p, pl)?,
+            cpu_f32(m, ml)?,
+            cpu_f32(v, vl)?,
+            &self.0,
+        );
+        p.par_chunks_mut(CHUNK)
+            .zip(m.par_chunks(CHUNK).zip(v.par_chunks(CHUNK)))
+            .for_each(|(p, (m, v))| {
+                for ((p, m), v) in p.iter_mut().zip(m).zip(v) {
+                    let denom = v.sqrt() / k.bias_correction2_sqrt + k.eps;
+                    *p = *p * k.decay - m / denom * k.step_size;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// The same update from tensor ops, for parameters off the CPU or not in f32.
+fn composed_update(
+    p: &Tensor,
+    g: &Tensor,
+    state: &Moments,
+    k: &Scalars,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (b1, b2) = (f64::from(k.beta1), f64::from(k.beta2));
+    let m = ((&state.m * b1)? + (g * (1.0 - b1))?)?;
+    let v = ((&state.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+    let denom = ((v.sqrt()? / f64::from(k.bias_correction2_sqrt))? + f64::from(k.eps))?;
+    let p = ((p * f64::from(k.decay))? - (m.div(&denom)? * f64::from(k.step_size))?)?;
+    Ok((p, m, v))
 }

@@ -419,7 +419,7 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
                 .collect::<Result<Vec<_>>>()?;
             let loss = lm_loss(&model, &rows, tokens_per_step as usize)?;
             step_loss += f64::from(loss.to_scalar::<f32>()?);
-            acc.add(&params, &loss.backward()?)?;
+            acc.add(&params, &model.backward(&loss)?)?;
         }
         let mut grads = acc.take(&params)?;
         if state.global_step == 0 {

@@ -198,13 +198,13 @@ fn accumulating_four_micro_batches_equals_one_batch_of_four() {
     let (model, params) = trainable_llama();
     let rows = batch();
     let tokens = rows.len() * (rows[0].len() - 1);
-    let big = nll(&model, &rows, tokens).backward().unwrap();
+    let big = model.backward(&nll(&model, &rows, tokens)).unwrap();
     let mut acc = GradAccumulator::new();
     for row in &rows {
         acc.add(
             &params,
-            &nll(&model, std::slice::from_ref(row), tokens)
-                .backward()
+            &model
+                .backward(&nll(&model, std::slice::from_ref(row), tokens))
                 .unwrap(),
         )
         .unwrap();
@@ -223,7 +223,7 @@ fn accumulating_four_micro_batches_equals_one_batch_of_four() {
 #[test]
 fn zero_gradient_guard_names_the_cut_parameter() {
     let (model, mut params) = trainable_llama();
-    let grads = nll(&model, &batch(), 32).backward().unwrap();
+    let grads = model.backward(&nll(&model, &batch(), 32)).unwrap();
     ensure_all_have_gradients(&params, &grads).unwrap();
     params.push(NamedVar::new(
         "orphan.weight",
@@ -255,7 +255,7 @@ fn train(
         for pair in rows.chunks(2) {
             let loss = nll(model, pair, 32);
             total += loss.to_scalar::<f32>().unwrap();
-            acc.add(params, &loss.backward().unwrap()).unwrap();
+            acc.add(params, &model.backward(&loss).unwrap()).unwrap();
         }
         let mut grads = acc.take(params).unwrap();
         clip_grad_norm(params, &mut grads, 1.0).unwrap();

@@ -1,0 +1,397 @@
+//! A whole pre-norm decoder layer as one differentiable op, for training dense f32 models on
+//! the CPU.
+//!
+//! candle's backward pass zero-fills a fresh gradient for every input of every graph node and
+//! adds the incoming one to it. For the two dozen nodes of a composed layer that is about four
+//! passes over 45 MB of activations per layer and step, which cost more than the layer's
+//! matmuls' own backward. As one node, the layer costs candle a single such pass (over its
+//! input); inside it, activations are saved once in the forward pass and every gradient is
+//! written exactly once, with the same kernels as the separate fused ops (RMSNorm, attention,
+//! SwiGLU) and the GEMM behind candle's matmul.
+//!
+//! Weight gradients do not travel through candle's graph (a custom op has at most three
+//! inputs): the op hands them to the model's [`GradSink`], and [`crate::CausalLm::backward`]
+//! moves them into the `GradStore`. The first-step zero-gradient guard of the trainer catches
+//! any path that would forget to.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+
+use crate::attention::CausalSelfAttention;
+use crate::gemm::{MatMut, MatRef, matmul_threaded};
+use crate::ops::{
+    contiguous_f32, rms_norm_backward_rows, rms_norm_rows, swiglu_backward_slices, swiglu_slices,
+    with_cpu_f32,
+};
+
+/// Weight gradients computed inside fused ops, waiting to join the `GradStore` of the
+/// backward pass that produced them.
+#[derive(Debug, Clone, Default)]
+pub struct GradSink(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
+
+impl GradSink {
+    fn push(&self, weight: &Tensor, grad: Tensor) -> Result<()> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?
+            .push((weight.clone(), grad));
+        Ok(())
+    }
+
+    /// Adds every pending gradient to `grads` (summing with one already there) and empties
+    /// the sink.
+    pub fn drain_into(&self, grads: &mut GradStore) -> Result<()> {
+        let pending = std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?,
+        );
+        for (weight, grad) in pending {
+            let total = match grads.remove(&weight) {
+                Some(prev) => (prev + grad)?,
+                None => grad,
+            };
+            grads.insert(&weight, total);
+        }
+        Ok(())
+    }
+}
+
+/// The weights of one decoder layer, dense `[out, in]` matrices as Hugging Face stores them.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerWeights {
+    pub input_norm: Tensor,
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub o: Tensor,
+    pub post_norm: Tensor,
+    pub gate: Tensor,
+    pub up: Tensor,
+    pub down: Tensor,
+    pub eps: f32,
+}
+
+impl LayerWeights {
+    fn all(&self) -> [&Tensor; 9] {
+        [
+            &self.input_norm,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.o,
+            &self.post_norm,
+            &self.gate,
+            &self.up,
+            &self.down,
+        ]
+    }
+}
+
+/// Activations the backward pass reads, saved by the forward pass.
+struct Saved {
+    n1: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    h: Vec<f32>,
+    n2: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// Borrowed f32 views of the layer's weights, in [`LayerWeights::all`] order.
+struct Views<'a> {
+    input_norm: &'a [f32],
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    o: &'a [f32],
+    post_norm: &'a [f32],
+    gate: &'a [f32],
+    up: &'a [f32],
+    down: &'a [f32],
+}
+
+#[derive(Clone)]
+pub(crate) struct FusedDecoderLayer {
+    weights: LayerWeights,
+    attention: CausalSelfAttention,
+    hidden: usize,
+    q_width: usize,
+    kv_width: usize,
+    intermediate: usize,
+    saved: Arc<Mutex<Option<Saved>>>,
+    sink: GradSink,
+}
+
+/// `[rows, inp] · [out, inp]ᵀ`.
+fn linear(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Result<Vec<f32>> {
+    let mut y = vec![0f32; rows * out];
+    matmul_threaded(
+        &mut MatMut::new(&mut y, 0, rows, out, out)?,
+        MatRef::new(x, 0, rows, inp, inp)?,
+        MatRef::new(w, 0, out, inp, inp)?.t(),
+        1.0,
+        false,
+    )?;
+    Ok(y)
+}
+
+/// `dx (+)= dy · w` for `y = x · wᵀ`.
+fn linear_input_grad(
+    dx: &mut [f32],
+    dy: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+    accumulate: bool,
+) -> Result<()> {
+    matmul_threaded(
+        &mut MatMut::new(dx, 0, rows, inp, inp)?,
+        MatRef::new(dy, 0, rows, out, out)?,
+        MatRef::new(w, 0, out, inp, inp)?,
+        1.0,
+        accumulate,
+    )
+}
+
+/// `∂w = dyᵀ · x` for `y = x · wᵀ`, `[out, inp]`.
+fn linear_weight_grad(
+    dy: &[f32],
+    x: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Result<Vec<f32>> {
+    let mut dw = vec![0f32; out * inp];
+    matmul_threaded(
+        &mut MatMut::new(&mut dw, 0, out, inp, inp)?,
+        MatRef::new(dy, 0, rows, out, out)?.t(),
+        MatRef::new(x, 0, rows, inp, inp)?,
+        1.0,
+        false,
+    )?;
+    Ok(dw)
+}
+
+fn add_into(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+}
+
+impl FusedDecoderLayer {
+    pub fn new(
+        weights: LayerWeights,
+        attention: CausalSelfAttention,
+        sink: GradSink,
+    ) -> Result<Self> {
+        let hidden = weights.input_norm.elem_count();
+        let q_width = weights.q.dims2()?.0;
+        let kv_width = weights.k.dims2()?.0;
+        let intermediate = weights.gate.dims2()?.0;
+        let expected = [
+            (&weights.q, (q_width, hidden)),
+            (&weights.k, (kv_width, hidden)),
+            (&weights.v, (kv_width, hidden)),
+            (&weights.o, (hidden, q_width)),
+            (&weights.gate, (intermediate, hidden)),
+            (&weights.up, (intermediate, hidden)),
+            (&weights.down, (hidden, intermediate)),
+        ];
+        for (w, want) in expected {
+            if w.dims2()? != want {
+                candle_core::bail!(
+                    "fused decoder layer: weight of shape {:?}, expected {want:?}",
+                    w.dims()
+                );
+            }
+        }
+        if weights.post_norm.elem_count() != hidden {
+            candle_core::bail!(
+                "fused decoder layer: norms of {hidden} and {}",
+                weights.post_norm.elem_count()
+            );
+        }
+        Ok(Self {
+            weights,
+            attention,
+            hidden,
+            q_width,
+            kv_width,
+            intermediate,
+            saved: Arc::new(Mutex::new(None)),
+            sink,
+        })
+    }
+
+    /// The layer's output for `x` (`[tokens, hidden]`).
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        x.contiguous()?.apply_op1(self)
+    }
+
+    /// Runs `f` with f32 views of every weight.
+    fn with_weights<R>(&self, f: impl FnOnce(&Views) -> Result<R>) -> Result<R> {
+        let guards: Vec<_> = self.weights.all().map(|t| t.storage_and_layout()).into();
+        let mut slices = Vec::with_capacity(guards.len());
+        for (storage, layout) in &guards {
+            match &**storage {
+                Storage::Cpu(cpu) => {
+                    slices.push(contiguous_f32(cpu, layout, "fused decoder layer")?)
+                }
+                _ => candle_core::bail!("fused decoder layer: weights must be on the CPU"),
+            }
+        }
+        let views = Views {
+            input_norm: slices[0],
+            q: slices[1],
+            k: slices[2],
+            v: slices[3],
+            o: slices[4],
+            post_norm: slices[5],
+            gate: slices[6],
+            up: slices[7],
+            down: slices[8],
+        };
+        f(&views)
+    }
+
+    fn lock_saved(&self) -> Result<std::sync::MutexGuard<'_, Option<Saved>>> {
+        self.saved
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused decoder layer: state poisoned".into()))
+    }
+
+    fn forward(&self, x: &[f32]) -> Result<Vec<f32>> {
+        let (hd, qw, kvw, inter) = (self.hidden, self.q_width, self.kv_width, self.intermediate);
+        if !x.len().is_multiple_of(hd) {
+            candle_core::bail!(
+                "fused decoder layer: {} values are not rows of {hd}",
+                x.len()
+            );
+        }
+        let rows = x.len() / hd;
+        let eps = self.weights.eps;
+        self.with_weights(|w| {
+            let mut n1 = vec![0f32; x.len()];
+            rms_norm_rows(x, w.input_norm, eps, &mut n1);
+            let q = linear(&n1, w.q, rows, hd, qw)?;
+            let k = linear(&n1, w.k, rows, hd, kvw)?;
+            let v = linear(&n1, w.v, rows, hd, kvw)?;
+            let attn = self.attention.forward_f32(&q, &k, &v)?;
+            let mut h = linear(&attn, w.o, rows, qw, hd)?;
+            add_into(&mut h, x);
+            let mut n2 = vec![0f32; x.len()];
+            rms_norm_rows(&h, w.post_norm, eps, &mut n2);
+            let gate = linear(&n2, w.gate, rows, hd, inter)?;
+            let up = linear(&n2, w.up, rows, hd, inter)?;
+            let mut act = vec![0f32; gate.len()];
+            swiglu_slices(&gate, &up, &mut act);
+            let mut y = linear(&act, w.down, rows, inter, hd)?;
+            add_into(&mut y, &h);
+            *self.lock_saved()? = Some(Saved {
+                n1,
+                q,
+                k,
+                v,
+                attn,
+                h,
+                n2,
+                gate,
+                up,
+                act,
+            });
+            Ok(y)
+        })
+    }
+
+    fn backward(&self, x: &[f32], dy: &[f32]) -> Result<Vec<f32>> {
+        let Some(s) = self.lock_saved()?.take() else {
+            candle_core::bail!("fused decoder layer: backward pass without a saved forward pass");
+        };
+        let (hd, qw, kvw, inter) = (self.hidden, self.q_width, self.kv_width, self.intermediate);
+        let rows = x.len() / hd;
+        let eps = self.weights.eps;
+        let wt = &self.weights;
+        let grad_for = |w: &Tensor, dy: &[f32], x: &[f32], inp: usize, out: usize| -> Result<()> {
+            if w.track_op() {
+                let dw = linear_weight_grad(dy, x, rows, inp, out)?;
+                self.sink
+                    .push(w, Tensor::from_vec(dw, (out, inp), w.device())?)?;
+            }
+            Ok(())
+        };
+        self.with_weights(|w| {
+            // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm(h).
+            let mut dact = vec![0f32; rows * inter];
+            linear_input_grad(&mut dact, dy, w.down, rows, inter, hd, false)?;
+            grad_for(&wt.down, dy, &s.act, inter, hd)?;
+            let mut dgate = vec![0f32; rows * inter];
+            let mut dup = vec![0f32; rows * inter];
+            swiglu_backward_slices(&s.gate, &s.up, &dact, &mut dgate, &mut dup);
+            drop(dact);
+            let mut dn2 = vec![0f32; rows * hd];
+            linear_input_grad(&mut dn2, &dgate, w.gate, rows, hd, inter, false)?;
+            linear_input_grad(&mut dn2, &dup, w.up, rows, hd, inter, true)?;
+            grad_for(&wt.gate, &dgate, &s.n2, hd, inter)?;
+            grad_for(&wt.up, &dup, &s.n2, hd, inter)?;
+            let mut dh = vec![0f32; rows * hd];
+            let dpost = rms_norm_backward_rows(&s.h, w.post_norm, eps, &dn2, &mut dh);
+            add_into(&mut dh, dy);
+            if wt.post_norm.track_op() {
+                self.sink.push(
+                    &wt.post_norm,
+                    Tensor::from_vec(dpost, hd, wt.post_norm.device())?,
+                )?;
+            }
+
+            // Attention: h = x + o(attention(q(n1), k(n1), v(n1))), n1 = norm(x).
+            let mut dattn = vec![0f32; rows * qw];
+            linear_input_grad(&mut dattn, &dh, w.o, rows, qw, hd, false)?;
+            grad_for(&wt.o, &dh, &s.attn, qw, hd)?;
+            let (dq, dk, dv) = self.attention.backward_f32(&s.q, &s.k, &s.v, &dattn)?;
+            drop(dattn);
+            let mut dn1 = vec![0f32; rows * hd];
+            linear_input_grad(&mut dn1, &dq, w.q, rows, hd, qw, false)?;
+            linear_input_grad(&mut dn1, &dk, w.k, rows, hd, kvw, true)?;
+            linear_input_grad(&mut dn1, &dv, w.v, rows, hd, kvw, true)?;
+            grad_for(&wt.q, &dq, &s.n1, hd, qw)?;
+            grad_for(&wt.k, &dk, &s.n1, hd, kvw)?;
+            grad_for(&wt.v, &dv, &s.n1, hd, kvw)?;
+            let mut dx = vec![0f32; rows * hd];
+            let dinput = rms_norm_backward_rows(x, w.input_norm, eps, &dn1, &mut dx);
+            add_into(&mut dx, &dh);
+            if wt.input_norm.track_op() {
+                self.sink.push(
+                    &wt.input_norm,
+                    Tensor::from_vec(dinput, hd, wt.input_norm.device())?,
+                )?;
+            }
+            Ok(dx)
+        })
+    }
+}
+
+impl CustomOp1 for FusedDecoderLayer {
+    fn name(&self) -> &'static str {
+        "kiln-decoder-layer"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = contiguous_f32(storage, layout, self.name())?;
+        let y = self.forward(x)?;
+        Ok((CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dx = with_cpu_f32(x, self.name(), |x| {
+            with_cpu_f32(grad_res, self.name(), |dy| self.backward(x, dy))
+        })?;
+        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+    }
+}
