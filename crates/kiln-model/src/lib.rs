@@ -15,6 +15,7 @@ pub mod init;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
+pub mod loss;
 pub mod ops;
 pub mod rope;
 pub mod sampling;

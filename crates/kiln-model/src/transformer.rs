@@ -346,8 +346,33 @@ impl CausalLm {
     pub fn forward_hidden(
         &self,
         input_ids: &Tensor,
-        mut cache: Option<&mut KvCache>,
+        cache: Option<&mut KvCache>,
     ) -> Result<Tensor> {
+        let (b, s) = input_ids.dims2()?;
+        self.hidden_rows(input_ids, cache)?
+            .reshape((b, s, self.cfg.hidden_size))
+    }
+
+    /// Next-token negative log-likelihoods: `−log p(targets[i] | input_ids up to i)` for every
+    /// position of `input_ids` (`[batch, seq]`), with u32 `targets` `[batch · seq]`; `[batch · seq]`
+    /// f32, differentiable. The LM head and the cross-entropy run as one op where they can, so
+    /// the `[tokens, vocab]` logits are never a tensor of the graph.
+    pub fn token_nll(&self, input_ids: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let hidden = self.hidden_rows(input_ids, None)?;
+        match (
+            self.lm_head.weight(),
+            self.lm_head.bias(),
+            self.lm_head.lora(),
+        ) {
+            (LinearWeight::Dense(w), None, None) => {
+                crate::loss::linear_cross_entropy(&hidden, w, targets)
+            }
+            _ => crate::ops::cross_entropy_rows(&self.project(&hidden)?, targets),
+        }
+    }
+
+    /// Hidden states after the final norm as rows, `[batch · seq, hidden]`.
+    fn hidden_rows(&self, input_ids: &Tensor, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let (b, s) = input_ids.dims2()?;
         if s == 0 {
             candle_core::bail!("forward pass over an empty sequence: input_ids has shape [{b}, 0]");
@@ -403,7 +428,7 @@ impl CausalLm {
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &ctx, layer_cache)?;
         }
-        self.norm.forward(&x)?.reshape((b, s, cfg.hidden_size))
+        self.norm.forward(&x)
     }
 
     /// Logits for every position, `[batch, seq, vocab]`, in f32.

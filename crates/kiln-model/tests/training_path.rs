@@ -169,6 +169,34 @@ fn fused_layers_match_the_composed_layers() {
     }
 }
 
+/// `token_nll` (LM head and cross-entropy fused) equals the cross-entropy of `forward`'s logits,
+/// in value and in every parameter's gradient.
+#[test]
+fn token_nll_matches_the_logits_cross_entropy() {
+    let (varmap, model) = trainable_fixture().unwrap();
+    let ids = batch();
+    let (b, s) = ids.dims2().unwrap();
+    let inputs = ids.narrow(1, 0, s - 1).unwrap();
+    let targets = ids.narrow(1, 1, s - 1).unwrap().flatten_all().unwrap();
+    let fused = model.token_nll(&inputs, &targets).unwrap();
+    let logits = model.forward(&inputs, None).unwrap();
+    let composed =
+        kiln_model::ops::cross_entropy_rows(&logits.reshape((b * (s - 1), ())).unwrap(), &targets)
+            .unwrap();
+    let diff = (&fused - &composed).unwrap().abs().unwrap();
+    assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
+    let gf = model.backward(&fused.sum_all().unwrap()).unwrap();
+    let gc = model.backward(&composed.sum_all().unwrap()).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let (a, c) = (
+            gf.get(var.as_tensor()).unwrap(),
+            gc.get(var.as_tensor()).unwrap(),
+        );
+        let d = (a - c).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{name}: {d}");
+    }
+}
+
 #[test]
 fn gradient_matches_finite_differences() {
     let (varmap, model) = trainable_fixture().unwrap();

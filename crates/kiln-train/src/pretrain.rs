@@ -501,10 +501,9 @@ fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
 /// `normalizer` tokens so that accumulated micro-batches add up to the window's mean.
 pub fn lm_loss(model: &CausalLm, rows: &[Vec<u32>], normalizer: usize) -> Result<Tensor> {
     let ids = Tensor::new(rows.to_vec(), model.device())?;
-    let (b, s) = ids.dims2()?;
-    let logits = model.forward(&ids.narrow(1, 0, s - 1)?, None)?;
+    let s = ids.dim(1)?;
     let targets = ids.narrow(1, 1, s - 1)?.flatten_all()?;
-    let nll = kiln_model::ops::cross_entropy_rows(&logits.reshape((b * (s - 1), ()))?, &targets)?;
+    let nll = model.token_nll(&ids.narrow(1, 0, s - 1)?, &targets)?;
     Ok((nll.sum_all()? / normalizer as f64)?)
 }
 
