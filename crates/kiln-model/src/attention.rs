@@ -247,6 +247,7 @@ impl CausalSelfAttention {
     /// Output of the `rep` query heads of KV group `(b, g)`, `[rep, seq, head_dim]`.
     fn forward_group(
         &self,
+        scratch: &mut Scratch,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -262,24 +263,24 @@ impl CausalSelfAttention {
         );
         let (q_row, kv_row) = (nh * d, nkv * d);
         let kv_offset = b * t * kv_row + g * d;
-        let mut kr = vec![0f32; t * d];
-        self.rope_rows(k, kv_offset, kv_row, &mut kr);
-        let mut qr = vec![0f32; t * d];
-        let mut p = vec![0f32; t * t];
+        let Scratch { kr, qr, p, .. } = scratch;
+        self.rope_rows(k, kv_offset, kv_row, kr);
         let mut out = vec![0f32; rep * t * d];
         for r in 0..rep {
             let h = g * rep + r;
-            self.rope_rows(q, b * t * q_row + h * d, q_row, &mut qr);
-            self.probabilities(&qr, &kr, &mut p)?;
-            self.causal_left(&mut out, r * t * d, &p, v, kv_offset, kv_row, 1.0)?;
+            self.rope_rows(q, b * t * q_row + h * d, q_row, qr);
+            self.probabilities(qr, kr, p)?;
+            self.causal_left(&mut out, r * t * d, p, v, kv_offset, kv_row, 1.0)?;
         }
         Ok(out)
     }
 
     /// Gradients of KV group `(b, g)`: `∂Q` of its query heads `[rep, seq, head_dim]`, and `∂K`,
     /// `∂V` `[seq, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     fn backward_group(
         &self,
+        scratch: &mut Scratch,
         q: &[f32],
         k: &[f32],
         v: &[f32],
@@ -297,31 +298,22 @@ impl CausalSelfAttention {
         let (q_row, kv_row) = (nh * d, nkv * d);
         let kv_offset = b * t * kv_row + g * d;
         let scale = 1.0 / (d as f32).sqrt();
-        let mut kr = vec![0f32; t * d];
-        self.rope_rows(k, kv_offset, kv_row, &mut kr);
-        let mut qr = vec![0f32; t * d];
-        let mut p = vec![0f32; t * t];
-        let mut dp = vec![0f32; t * t];
+        let Scratch { kr, qr, p, dp } = scratch;
+        self.rope_rows(k, kv_offset, kv_row, kr);
         let mut dq = vec![0f32; rep * t * d];
         let mut dk = vec![0f32; t * d];
         let mut dv = vec![0f32; t * d];
         for r in 0..rep {
             let h = g * rep + r;
             let q_offset = b * t * q_row + h * d;
-            self.rope_rows(q, q_offset, q_row, &mut qr);
-            self.probabilities(&qr, &kr, &mut p)?;
+            self.rope_rows(q, q_offset, q_row, qr);
+            self.probabilities(qr, kr, p)?;
             // ∂V += Pᵀ·∂O
-            self.causal_left_t(&mut dv, &p, dout, q_offset, q_row, 1.0)?;
+            self.causal_left_t(&mut dv, p, dout, q_offset, q_row, 1.0)?;
             // ∂P = ∂O·Vᵀ on the visible blocks, then ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)).
             for (rows, keys) in self.query_blocks() {
                 matmul(
-                    &mut MatMut::new(
-                        &mut dp,
-                        rows.start * t + keys.start,
-                        rows.len(),
-                        keys.len(),
-                        t,
-                    )?,
+                    &mut MatMut::new(dp, rows.start * t + keys.start, rows.len(), keys.len(), t)?,
                     MatRef::new(dout, q_offset + rows.start * q_row, rows.len(), d, q_row)?,
                     MatRef::new(v, kv_offset + keys.start * kv_row, keys.len(), d, kv_row)?.t(),
                     1.0,
@@ -339,8 +331,8 @@ impl CausalSelfAttention {
                 dp_row[i + 1..].fill(0.0);
             }
             // ∂Qᵣ = scale · ∂S·Kᵣ, ∂Kᵣ += scale · ∂Sᵀ·Qᵣ
-            self.causal_left(&mut dq, r * t * d, &dp, &kr, 0, d, scale)?;
-            self.causal_left_t(&mut dk, &dp, &qr, 0, d, scale)?;
+            self.causal_left(&mut dq, r * t * d, dp, kr, 0, d, scale)?;
+            self.causal_left_t(&mut dk, dp, qr, 0, d, scale)?;
         }
         self.unrope_rows(&mut dq);
         self.unrope_rows(&mut dk);
@@ -384,6 +376,31 @@ impl CausalSelfAttention {
     }
 }
 
+/// Per-thread buffers of the head loops, reused across the groups a thread takes.
+struct Scratch {
+    /// Rotated keys and queries of one head, `[seq, head_dim]`.
+    kr: Vec<f32>,
+    qr: Vec<f32>,
+    /// Probabilities and their gradient, `[seq, seq]`.
+    p: Vec<f32>,
+    dp: Vec<f32>,
+}
+
+impl Scratch {
+    fn new(seq: usize, head_dim: usize, backward: bool) -> Self {
+        Self {
+            kr: vec![0f32; seq * head_dim],
+            qr: vec![0f32; seq * head_dim],
+            p: vec![0f32; seq * seq],
+            dp: if backward {
+                vec![0f32; seq * seq]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+}
+
 struct GroupGrads {
     dq: Vec<f32>,
     dk: Vec<f32>,
@@ -396,7 +413,12 @@ impl CausalSelfAttention {
         self.check_sizes(q.len(), k.len(), v.len())?;
         let groups: Vec<Vec<f32>> = (0..self.batch * self.kv_heads)
             .into_par_iter()
-            .map(|i| self.forward_group(q, k, v, i / self.kv_heads, i % self.kv_heads))
+            .map_init(
+                || Scratch::new(self.seq, self.head_dim, false),
+                |scratch, i| {
+                    self.forward_group(scratch, q, k, v, i / self.kv_heads, i % self.kv_heads)
+                },
+            )
             .collect::<Result<_>>()?;
         let refs: Vec<&[f32]> = groups.iter().map(Vec::as_slice).collect();
         Ok(self.scatter(&refs, self.rep(), self.kv_heads))
@@ -413,7 +435,13 @@ impl CausalSelfAttention {
         self.check_sizes(q.len(), k.len(), v.len())?;
         let grads: Vec<GroupGrads> = (0..self.batch * self.kv_heads)
             .into_par_iter()
-            .map(|i| self.backward_group(q, k, v, dout, i / self.kv_heads, i % self.kv_heads))
+            .map_init(
+                || Scratch::new(self.seq, self.head_dim, true),
+                |scratch, i| {
+                    let (b, g) = (i / self.kv_heads, i % self.kv_heads);
+                    self.backward_group(scratch, q, k, v, dout, b, g)
+                },
+            )
             .collect::<Result<_>>()?;
         let pick = |f: fn(&GroupGrads) -> &[f32]| grads.iter().map(f).collect::<Vec<_>>();
         Ok((
