@@ -10,7 +10,7 @@
 //! SwiGLU) and the GEMM behind candle's matmul.
 //!
 //! Weight gradients do not travel through candle's graph (a custom op has at most three
-//! inputs): the op hands them to the model's [`GradSink`], and [`crate::CausalLm::backward`]
+//! inputs): the op hands them to the model's [`FusedState`], and [`crate::CausalLm::backward`]
 //! moves them into the `GradStore`. The first-step zero-gradient guard of the trainer catches
 //! any path that would forget to.
 
@@ -26,16 +26,25 @@ use crate::ops::{
     with_cpu_f32,
 };
 
-/// Weight gradients computed inside fused ops, waiting to join the `GradStore` of the
-/// backward pass that produced them.
+/// What fused layers share across calls: the weight gradients they computed, waiting to join
+/// the `GradStore` of the backward pass that produced them, and a pool of activation buffers
+/// reused from step to step (as PyTorch's caching allocator does), so no step zero-fills
+/// memory it is about to overwrite.
 #[derive(Debug, Clone, Default)]
-pub struct GradSink(Arc<Mutex<Vec<(Tensor, Tensor)>>>);
+pub struct FusedState {
+    grads: Arc<Mutex<Vec<(Tensor, Tensor)>>>,
+    pool: Arc<Mutex<Vec<Vec<f32>>>>,
+}
 
-impl GradSink {
-    fn push(&self, weight: &Tensor, grad: Tensor) -> Result<()> {
-        self.0
+fn poisoned() -> candle_core::Error {
+    candle_core::Error::Msg("fused layer state poisoned".into())
+}
+
+impl FusedState {
+    fn push_grad(&self, weight: &Tensor, grad: Tensor) -> Result<()> {
+        self.grads
             .lock()
-            .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?
+            .map_err(|_| poisoned())?
             .push((weight.clone(), grad));
         Ok(())
     }
@@ -43,12 +52,7 @@ impl GradSink {
     /// Adds every pending gradient to `grads` (summing with one already there) and empties
     /// the sink.
     pub fn drain_into(&self, grads: &mut GradStore) -> Result<()> {
-        let pending = std::mem::take(
-            &mut *self
-                .0
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("gradient sink poisoned".into()))?,
-        );
+        let pending = std::mem::take(&mut *self.grads.lock().map_err(|_| poisoned())?);
         for (weight, grad) in pending {
             let total = match grads.remove(&weight) {
                 Some(prev) => (prev + grad)?,
@@ -57,6 +61,24 @@ impl GradSink {
             grads.insert(&weight, total);
         }
         Ok(())
+    }
+
+    /// A buffer of exactly `len` values whose contents are unspecified (left from an earlier
+    /// use): every caller overwrites all of it.
+    fn take(&self, len: usize) -> Vec<f32> {
+        let reused = self.pool.lock().ok().and_then(|mut pool| {
+            let i = pool.iter().position(|b| b.len() == len)?;
+            Some(pool.swap_remove(i))
+        });
+        reused.unwrap_or_else(|| vec![0f32; len])
+    }
+
+    /// Returns buffers to the pool. The pool never holds more than the most buffers that were
+    /// in use at once.
+    fn give(&self, buffers: impl IntoIterator<Item = Vec<f32>>) {
+        if let Ok(mut pool) = self.pool.lock() {
+            pool.extend(buffers);
+        }
     }
 }
 
@@ -127,12 +149,18 @@ pub(crate) struct FusedDecoderLayer {
     kv_width: usize,
     intermediate: usize,
     saved: Arc<Mutex<Option<Saved>>>,
-    sink: GradSink,
+    state: FusedState,
 }
 
-/// `[rows, inp] · [out, inp]ᵀ`.
-fn linear(x: &[f32], w: &[f32], rows: usize, inp: usize, out: usize) -> Result<Vec<f32>> {
-    let mut y = vec![0f32; rows * out];
+/// `[rows, inp] · [out, inp]ᵀ` into `y` (overwritten).
+fn linear_into(
+    mut y: Vec<f32>,
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    inp: usize,
+    out: usize,
+) -> Result<Vec<f32>> {
     matmul_threaded(
         &mut MatMut::new(&mut y, 0, rows, out, out)?,
         MatRef::new(x, 0, rows, inp, inp)?,
@@ -189,7 +217,7 @@ impl FusedDecoderLayer {
     pub fn new(
         weights: LayerWeights,
         attention: CausalSelfAttention,
-        sink: GradSink,
+        state: FusedState,
     ) -> Result<Self> {
         let hidden = weights.input_norm.elem_count();
         let q_width = weights.q.dims2()?.0;
@@ -226,7 +254,7 @@ impl FusedDecoderLayer {
             kv_width,
             intermediate,
             saved: Arc::new(Mutex::new(None)),
-            sink,
+            state,
         })
     }
 
@@ -277,22 +305,27 @@ impl FusedDecoderLayer {
         }
         let rows = x.len() / hd;
         let eps = self.weights.eps;
+        let st = &self.state;
+        let linear = |x: &[f32], w: &[f32], inp: usize, out: usize| {
+            linear_into(st.take(rows * out), x, w, rows, inp, out)
+        };
         self.with_weights(|w| {
-            let mut n1 = vec![0f32; x.len()];
+            let mut n1 = st.take(x.len());
             rms_norm_rows(x, w.input_norm, eps, &mut n1);
-            let q = linear(&n1, w.q, rows, hd, qw)?;
-            let k = linear(&n1, w.k, rows, hd, kvw)?;
-            let v = linear(&n1, w.v, rows, hd, kvw)?;
+            let q = linear(&n1, w.q, hd, qw)?;
+            let k = linear(&n1, w.k, hd, kvw)?;
+            let v = linear(&n1, w.v, hd, kvw)?;
             let attn = self.attention.forward_f32(&q, &k, &v)?;
-            let mut h = linear(&attn, w.o, rows, qw, hd)?;
+            let mut h = linear(&attn, w.o, qw, hd)?;
             add_into(&mut h, x);
-            let mut n2 = vec![0f32; x.len()];
+            let mut n2 = st.take(x.len());
             rms_norm_rows(&h, w.post_norm, eps, &mut n2);
-            let gate = linear(&n2, w.gate, rows, hd, inter)?;
-            let up = linear(&n2, w.up, rows, hd, inter)?;
-            let mut act = vec![0f32; gate.len()];
+            let gate = linear(&n2, w.gate, hd, inter)?;
+            let up = linear(&n2, w.up, hd, inter)?;
+            let mut act = st.take(gate.len());
             swiglu_slices(&gate, &up, &mut act);
-            let mut y = linear(&act, w.down, rows, inter, hd)?;
+            // The output leaves for candle's graph, so it is not taken from the pool.
+            let mut y = linear_into(vec![0f32; rows * hd], &act, w.down, rows, inter, hd)?;
             add_into(&mut y, &h);
             *self.lock_saved()? = Some(Saved {
                 n1,
@@ -317,63 +350,76 @@ impl FusedDecoderLayer {
         let (hd, qw, kvw, inter) = (self.hidden, self.q_width, self.kv_width, self.intermediate);
         let rows = x.len() / hd;
         let eps = self.weights.eps;
-        let wt = &self.weights;
+        let (wt, st) = (&self.weights, &self.state);
         let grad_for = |w: &Tensor, dy: &[f32], x: &[f32], inp: usize, out: usize| -> Result<()> {
             if w.track_op() {
                 let dw = linear_weight_grad(dy, x, rows, inp, out)?;
-                self.sink
-                    .push(w, Tensor::from_vec(dw, (out, inp), w.device())?)?;
+                st.push_grad(w, Tensor::from_vec(dw, (out, inp), w.device())?)?;
             }
             Ok(())
         };
-        self.with_weights(|w| {
+        let dx = self.with_weights(|w| {
             // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm(h).
-            let mut dact = vec![0f32; rows * inter];
+            let mut dact = st.take(rows * inter);
             linear_input_grad(&mut dact, dy, w.down, rows, inter, hd, false)?;
             grad_for(&wt.down, dy, &s.act, inter, hd)?;
-            let mut dgate = vec![0f32; rows * inter];
-            let mut dup = vec![0f32; rows * inter];
+            let mut dgate = st.take(rows * inter);
+            let mut dup = st.take(rows * inter);
             swiglu_backward_slices(&s.gate, &s.up, &dact, &mut dgate, &mut dup);
-            drop(dact);
-            let mut dn2 = vec![0f32; rows * hd];
+            let mut dn2 = st.take(rows * hd);
             linear_input_grad(&mut dn2, &dgate, w.gate, rows, hd, inter, false)?;
             linear_input_grad(&mut dn2, &dup, w.up, rows, hd, inter, true)?;
             grad_for(&wt.gate, &dgate, &s.n2, hd, inter)?;
             grad_for(&wt.up, &dup, &s.n2, hd, inter)?;
-            let mut dh = vec![0f32; rows * hd];
+            let mut dh = st.take(rows * hd);
             let dpost = rms_norm_backward_rows(&s.h, w.post_norm, eps, &dn2, &mut dh);
             add_into(&mut dh, dy);
             if wt.post_norm.track_op() {
-                self.sink.push(
+                st.push_grad(
                     &wt.post_norm,
                     Tensor::from_vec(dpost, hd, wt.post_norm.device())?,
                 )?;
             }
 
             // Attention: h = x + o(attention(q(n1), k(n1), v(n1))), n1 = norm(x).
-            let mut dattn = vec![0f32; rows * qw];
+            let mut dattn = st.take(rows * qw);
             linear_input_grad(&mut dattn, &dh, w.o, rows, qw, hd, false)?;
             grad_for(&wt.o, &dh, &s.attn, qw, hd)?;
             let (dq, dk, dv) = self.attention.backward_f32(&s.q, &s.k, &s.v, &dattn)?;
-            drop(dattn);
-            let mut dn1 = vec![0f32; rows * hd];
+            let mut dn1 = st.take(rows * hd);
             linear_input_grad(&mut dn1, &dq, w.q, rows, hd, qw, false)?;
             linear_input_grad(&mut dn1, &dk, w.k, rows, hd, kvw, true)?;
             linear_input_grad(&mut dn1, &dv, w.v, rows, hd, kvw, true)?;
             grad_for(&wt.q, &dq, &s.n1, hd, qw)?;
             grad_for(&wt.k, &dk, &s.n1, hd, kvw)?;
             grad_for(&wt.v, &dv, &s.n1, hd, kvw)?;
+            // ∂x leaves for candle's graph, so it is not taken from the pool.
             let mut dx = vec![0f32; rows * hd];
             let dinput = rms_norm_backward_rows(x, w.input_norm, eps, &dn1, &mut dx);
             add_into(&mut dx, &dh);
             if wt.input_norm.track_op() {
-                self.sink.push(
+                st.push_grad(
                     &wt.input_norm,
                     Tensor::from_vec(dinput, hd, wt.input_norm.device())?,
                 )?;
             }
+            st.give([dact, dgate, dup, dn2, dh, dattn, dn1]);
             Ok(dx)
-        })
+        })?;
+        let Saved {
+            n1,
+            q,
+            k,
+            v,
+            attn,
+            h,
+            n2,
+            gate,
+            up,
+            act,
+        } = s;
+        st.give([n1, q, k, v, attn, h, n2, gate, up, act]);
+        Ok(dx)
     }
 }
 

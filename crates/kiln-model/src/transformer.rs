@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use kiln_core::ModelConfig;
 
 use crate::attention::CausalSelfAttention;
-use crate::fused_layer::{FusedDecoderLayer, GradSink, LayerWeights};
+use crate::fused_layer::{FusedDecoderLayer, FusedState, LayerWeights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::linear::LinearWeight;
@@ -151,8 +151,8 @@ struct LayerContext<'a> {
     mask: Option<&'a Tensor>,
     /// The fused attention op, when it serves this pass.
     fused: Option<&'a CausalSelfAttention>,
-    /// Where fused layers leave their weight gradients; `None` when layers run composed.
-    sink: Option<&'a GradSink>,
+    /// Gradient sink and buffer pool of fused layers; `None` when layers run composed.
+    fused_state: Option<&'a FusedState>,
 }
 
 #[derive(Debug, Clone)]
@@ -211,11 +211,11 @@ impl DecoderLayer {
         ctx: &LayerContext,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        if let (Some(attention), Some(sink), None, true) =
-            (ctx.fused, ctx.sink, &cache, x.track_op())
+        if let (Some(attention), Some(state), None, true) =
+            (ctx.fused, ctx.fused_state, &cache, x.track_op())
             && let Some(weights) = self.fusable_weights()
         {
-            return FusedDecoderLayer::new(weights, attention.clone(), sink.clone())?.apply(x);
+            return FusedDecoderLayer::new(weights, attention.clone(), state.clone())?.apply(x);
         }
         let h = (x + self
             .self_attn
@@ -273,8 +273,8 @@ pub struct CausalLm {
     norm: RmsNorm,
     lm_head: Linear,
     rope: RotaryEmbedding,
-    /// Weight gradients of fused layers, collected by [`CausalLm::backward`].
-    grad_sink: GradSink,
+    /// Weight gradients of fused layers (collected by [`CausalLm::backward`]) and their buffers.
+    fused_state: FusedState,
     /// Whether training passes run each decoder layer as one fused op.
     fused_layers: bool,
 }
@@ -303,7 +303,7 @@ impl CausalLm {
             norm,
             lm_head,
             rope: RotaryEmbedding::new(&cfg.rope, cfg.head_dim, vb.device())?,
-            grad_sink: GradSink::default(),
+            fused_state: FusedState::default(),
             fused_layers: true,
         })
     }
@@ -313,7 +313,7 @@ impl CausalLm {
     /// themselves, and this is where they join the store.
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
         let mut grads = loss.backward()?;
-        self.grad_sink.drain_into(&mut grads)?;
+        self.fused_state.drain_into(&mut grads)?;
         Ok(grads)
     }
 
@@ -423,7 +423,7 @@ impl CausalLm {
                 } else {
                     fused_full.as_ref()
                 },
-                sink: self.fused_layers.then_some(&self.grad_sink),
+                fused_state: self.fused_layers.then_some(&self.fused_state),
             };
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &ctx, layer_cache)?;
