@@ -49,6 +49,13 @@ impl FusedState {
         Ok(())
     }
 
+    /// Drops pending gradients: left only by a backward pass that went around
+    /// [`crate::CausalLm::backward`], they must not leak into the next one.
+    pub(crate) fn discard_pending(&self) -> Result<()> {
+        self.grads.lock().map_err(|_| poisoned())?.clear();
+        Ok(())
+    }
+
     /// Adds every pending gradient to `grads` (summing with one already there) and empties
     /// the sink.
     pub fn drain_into(&self, grads: &mut GradStore) -> Result<()> {

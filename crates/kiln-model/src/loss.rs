@@ -266,6 +266,37 @@ mod tests {
             let (a, b) = (gf.get(v).expect("fused"), gc.get(v).expect("composed"));
             assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
         }
+
+        // Central differences on a few coordinates of each input.
+        let loss = |h: &Tensor, w: &Tensor| -> Result<f64> {
+            let nll = linear_cross_entropy_saving(h, w, &t, save_limit)?;
+            (nll.to_dtype(DType::F64)? * g.to_dtype(DType::F64)?)?
+                .sum_all()?
+                .to_scalar::<f64>()
+        };
+        let eps = 1e-2f32;
+        for (which, v) in [&h, &w].into_iter().enumerate() {
+            let grad: Vec<f32> = gf.get(v).expect("grad").flatten_all()?.to_vec1()?;
+            let base: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
+            for idx in [0, base.len() / 2, base.len() - 1] {
+                let at = |delta: f32| -> Result<f64> {
+                    let mut data = base.clone();
+                    data[idx] += delta;
+                    let moved = Tensor::from_vec(data, v.shape(), &dev)?;
+                    if which == 0 {
+                        loss(&moved, w.as_tensor())
+                    } else {
+                        loss(h.as_tensor(), &moved)
+                    }
+                };
+                let fd = (at(eps)? - at(-eps)?) / (2.0 * f64::from(eps));
+                assert!(
+                    (fd - f64::from(grad[idx])).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "input {which}[{idx}]: finite difference {fd} vs {}",
+                    grad[idx]
+                );
+            }
+        }
         Ok(())
     }
 

@@ -394,6 +394,9 @@ impl CausalLm {
             CausalSelfAttention::new(b, s, nh, nkv, hd, window, &rope).map(Some)
         };
         let fused_full = fused_for(None)?;
+        if fused_full.is_some() && self.fused_layers {
+            self.fused_state.discard_pending()?;
+        }
         let fused_window = match cfg.sliding_window {
             Some(w) => fused_for(Some(w))?,
             None => None,

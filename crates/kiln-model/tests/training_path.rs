@@ -169,6 +169,26 @@ fn fused_layers_match_the_composed_layers() {
     }
 }
 
+/// Weight gradients of a backward pass that went around `CausalLm::backward` are dropped at the
+/// next forward pass, not added to the next step's.
+#[test]
+fn a_bypassed_backward_leaves_nothing_for_the_next_step() {
+    let (varmap, model) = trainable_fixture().unwrap();
+    let ids = batch();
+    let loss = |m: &CausalLm| next_token_loss(&m.forward(&ids, None).unwrap(), &ids).unwrap();
+    let clean = model.backward(&loss(&model)).unwrap();
+    let _bypassed = loss(&model).backward().unwrap();
+    let after = model.backward(&loss(&model)).unwrap();
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let (a, b) = (
+            clean.get(var.as_tensor()).unwrap(),
+            after.get(var.as_tensor()).unwrap(),
+        );
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{name}: {d}");
+    }
+}
+
 /// `token_nll` (LM head and cross-entropy fused) equals the cross-entropy of `forward`'s logits,
 /// in value and in every parameter's gradient.
 #[test]
