@@ -508,7 +508,7 @@ pub fn supported(dtype: DType, device: &candle_core::Device) -> bool {
 mod tests {
     use super::*;
     use crate::rope::RotaryEmbedding;
-    use crate::test_util::max_diff;
+    use crate::test_util::{assert_matches_finite_differences, max_diff, weighted_sum};
     use candle_core::{Device, Var};
     use kiln_core::{RopeConfig, RopeScaling};
 
@@ -588,40 +588,9 @@ mod tests {
             );
         }
 
-        // Central differences on a few coordinates of each input.
-        let loss = |q: &Tensor, k: &Tensor, v: &Tensor| -> Result<f64> {
-            let out = op.apply(q, k, v)?.to_dtype(DType::F64)?;
-            (out * w.to_dtype(DType::F64)?)?
-                .sum_all()?
-                .to_scalar::<f64>()
-        };
-        let eps = 1e-2f32;
-        for (which, x) in [&q, &k, &v].into_iter().enumerate() {
-            let grad: Vec<f32> = gf.get(x).expect("grad").flatten_all()?.to_vec1()?;
-            let base: Vec<f32> = x.as_tensor().flatten_all()?.to_vec1()?;
-            for idx in [0, base.len() / 3, base.len() - 1] {
-                let shifted = |delta: f32| -> Result<Tensor> {
-                    let mut data = base.clone();
-                    data[idx] += delta;
-                    Tensor::from_vec(data, x.shape(), &dev)
-                };
-                let mut inputs = [
-                    q.as_tensor().clone(),
-                    k.as_tensor().clone(),
-                    v.as_tensor().clone(),
-                ];
-                inputs[which] = shifted(eps)?;
-                let plus = loss(&inputs[0], &inputs[1], &inputs[2])?;
-                inputs[which] = shifted(-eps)?;
-                let minus = loss(&inputs[0], &inputs[1], &inputs[2])?;
-                let fd = (plus - minus) / (2.0 * eps as f64);
-                assert!(
-                    (fd - grad[idx] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-                    "input {which}[{idx}]: finite difference {fd} vs {}",
-                    grad[idx]
-                );
-            }
-        }
+        assert_matches_finite_differences(&[&q, &k, &v], &gf, |x| {
+            weighted_sum(&op.apply(&x[0], &x[1], &x[2])?, &w)
+        })?;
         Ok(())
     }
 

@@ -23,7 +23,49 @@ pub mod transformer;
 
 #[cfg(test)]
 pub(crate) mod test_util {
-    use candle_core::Tensor;
+    use candle_core::backprop::GradStore;
+    use candle_core::{Result, Tensor, Var};
+
+    /// Checks the gradients of a scalar `loss` of `inputs` against central differences at the
+    /// first, middle and last coordinate of each input (steps of 0.01, in f64 around f32
+    /// values).
+    pub fn assert_matches_finite_differences(
+        inputs: &[&Var],
+        grads: &GradStore,
+        loss: impl Fn(&[Tensor]) -> Result<f64>,
+    ) -> Result<()> {
+        let eps = 1e-2f32;
+        let values: Vec<Tensor> = inputs.iter().map(|v| v.as_tensor().detach()).collect();
+        for (which, var) in inputs.iter().enumerate() {
+            let grad: Vec<f32> = grads.get(var).expect("gradient").flatten_all()?.to_vec1()?;
+            let base: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            for idx in [0, base.len() / 2, base.len() - 1] {
+                let at = |delta: f32| -> Result<f64> {
+                    let mut data = base.clone();
+                    data[idx] += delta;
+                    let mut moved = values.clone();
+                    moved[which] = Tensor::from_vec(data, var.shape(), var.device())?;
+                    loss(&moved)
+                };
+                let fd = (at(eps)? - at(-eps)?) / (2.0 * f64::from(eps));
+                assert!(
+                    (fd - f64::from(grad[idx])).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "input {which}[{idx}]: finite difference {fd} vs gradient {}",
+                    grad[idx]
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// `Σ y·w` in f64: a scalar loss that weighs every output differently.
+    pub fn weighted_sum(y: &Tensor, w: &Tensor) -> Result<f64> {
+        let (y, w) = (
+            y.to_dtype(candle_core::DType::F64)?,
+            w.to_dtype(candle_core::DType::F64)?,
+        );
+        (y * w)?.sum_all()?.to_scalar::<f64>()
+    }
 
     /// Largest absolute element-wise difference of two tensors of the same shape.
     pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{MatMut, MatRef, matmul_threaded};
-use crate::ops::{contiguous_f32, exp_shifted_sum, max_of, with_cpu_f32};
+use crate::ops::{contiguous_f32, exp_shifted_sum, max_of, with_cpu_f32_3};
 
 /// Rows of logits formed at once.
 const BLOCK_ROWS: usize = 512;
@@ -140,51 +140,47 @@ impl CustomOp3 for LinearCrossEntropy {
         let (vocab, width) = weight.dims2()?;
         let targets: Vec<u32> = targets.flatten_all()?.to_vec1()?;
         let saved = self.lock()?.take();
-        let (dh, dw) = with_cpu_f32(hidden, self.name(), |h| {
-            with_cpu_f32(weight, self.name(), |w| {
-                with_cpu_f32(grad, self.name(), |g| {
-                    let rows = targets.len();
-                    let mut dh = vec![0f32; rows * width];
-                    let mut dw = vec![0f32; vocab * width];
-                    let mut dz = vec![0f32; BLOCK_ROWS.min(rows) * vocab];
-                    for r0 in (0..rows).step_by(BLOCK_ROWS) {
-                        let n = BLOCK_ROWS.min(rows - r0);
-                        let dz = &mut dz[..n * vocab];
-                        let hb = &h[r0 * width..(r0 + n) * width];
-                        match &saved {
-                            Some(z) => dz.copy_from_slice(&z[r0 * vocab..(r0 + n) * vocab]),
-                            None => block_logits(hb, w, width, vocab, dz)?,
-                        }
-                        // ∂z = g · (softmax(z) − onehot(t)), in place over the logits.
-                        dz.par_chunks_mut(vocab)
-                            .zip(targets[r0..r0 + n].par_iter().zip(&g[r0..r0 + n]))
-                            .for_each(|(z, (&t, &g))| {
-                                let max = max_of(z);
-                                z.iter_mut().for_each(|v| *v -= max);
-                                let inv = g / crate::ops::exp_sum_in_place(z);
-                                z.iter_mut().for_each(|v| *v *= inv);
-                                z[t as usize] -= g;
-                            });
-                        matmul_threaded(
-                            &mut MatMut::new(&mut dh, r0 * width, n, width, width)?,
-                            MatRef::new(dz, 0, n, vocab, vocab)?,
-                            MatRef::new(w, 0, vocab, width, width)?,
-                            1.0,
-                            false,
-                        )?;
-                        if weight.track_op() {
-                            matmul_threaded(
-                                &mut MatMut::new(&mut dw, 0, vocab, width, width)?,
-                                MatRef::new(dz, 0, n, vocab, vocab)?.t(),
-                                MatRef::new(hb, 0, n, width, width)?,
-                                1.0,
-                                true,
-                            )?;
-                        }
-                    }
-                    Ok((dh, dw))
-                })
-            })
+        let (dh, dw) = with_cpu_f32_3((hidden, weight, grad), self.name(), |h, w, g| {
+            let rows = targets.len();
+            let mut dh = vec![0f32; rows * width];
+            let mut dw = vec![0f32; vocab * width];
+            let mut dz = vec![0f32; BLOCK_ROWS.min(rows) * vocab];
+            for r0 in (0..rows).step_by(BLOCK_ROWS) {
+                let n = BLOCK_ROWS.min(rows - r0);
+                let dz = &mut dz[..n * vocab];
+                let hb = &h[r0 * width..(r0 + n) * width];
+                match &saved {
+                    Some(z) => dz.copy_from_slice(&z[r0 * vocab..(r0 + n) * vocab]),
+                    None => block_logits(hb, w, width, vocab, dz)?,
+                }
+                // ∂z = g · (softmax(z) − onehot(t)), in place over the logits.
+                dz.par_chunks_mut(vocab)
+                    .zip(targets[r0..r0 + n].par_iter().zip(&g[r0..r0 + n]))
+                    .for_each(|(z, (&t, &g))| {
+                        let max = max_of(z);
+                        z.iter_mut().for_each(|v| *v -= max);
+                        let inv = g / crate::ops::exp_sum_in_place(z);
+                        z.iter_mut().for_each(|v| *v *= inv);
+                        z[t as usize] -= g;
+                    });
+                matmul_threaded(
+                    &mut MatMut::new(&mut dh, r0 * width, n, width, width)?,
+                    MatRef::new(dz, 0, n, vocab, vocab)?,
+                    MatRef::new(w, 0, vocab, width, width)?,
+                    1.0,
+                    false,
+                )?;
+                if weight.track_op() {
+                    matmul_threaded(
+                        &mut MatMut::new(&mut dw, 0, vocab, width, width)?,
+                        MatRef::new(dz, 0, n, vocab, vocab)?.t(),
+                        MatRef::new(hb, 0, n, width, width)?,
+                        1.0,
+                        true,
+                    )?;
+                }
+            }
+            Ok((dh, dw))
         })?;
         Ok((
             Some(Tensor::from_vec(dh, hidden.shape(), hidden.device())?),
@@ -232,7 +228,7 @@ fn linear_cross_entropy_saving(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::max_diff;
+    use crate::test_util::{assert_matches_finite_differences, max_diff, weighted_sum};
     use candle_core::{Device, Var};
 
     #[test]
@@ -267,36 +263,12 @@ mod tests {
             assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
         }
 
-        // Central differences on a few coordinates of each input.
-        let loss = |h: &Tensor, w: &Tensor| -> Result<f64> {
-            let nll = linear_cross_entropy_saving(h, w, &t, save_limit)?;
-            (nll.to_dtype(DType::F64)? * g.to_dtype(DType::F64)?)?
-                .sum_all()?
-                .to_scalar::<f64>()
-        };
-        let eps = 1e-2f32;
-        for (which, v) in [&h, &w].into_iter().enumerate() {
-            let grad: Vec<f32> = gf.get(v).expect("grad").flatten_all()?.to_vec1()?;
-            let base: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
-            for idx in [0, base.len() / 2, base.len() - 1] {
-                let at = |delta: f32| -> Result<f64> {
-                    let mut data = base.clone();
-                    data[idx] += delta;
-                    let moved = Tensor::from_vec(data, v.shape(), &dev)?;
-                    if which == 0 {
-                        loss(&moved, w.as_tensor())
-                    } else {
-                        loss(h.as_tensor(), &moved)
-                    }
-                };
-                let fd = (at(eps)? - at(-eps)?) / (2.0 * f64::from(eps));
-                assert!(
-                    (fd - f64::from(grad[idx])).abs() < 2e-3 * (1.0 + fd.abs()),
-                    "input {which}[{idx}]: finite difference {fd} vs {}",
-                    grad[idx]
-                );
-            }
-        }
+        assert_matches_finite_differences(&[&h, &w], &gf, |x| {
+            weighted_sum(
+                &linear_cross_entropy_saving(&x[0], &x[1], &t, save_limit)?,
+                &g,
+            )
+        })?;
         Ok(())
     }
 

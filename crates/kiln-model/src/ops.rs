@@ -34,6 +34,17 @@ pub(crate) fn contiguous_f32<'a>(
     }
 }
 
+/// [`with_cpu_f32`] for three tensors at once.
+pub(crate) fn with_cpu_f32_3<R>(
+    (a, b, c): (&Tensor, &Tensor, &Tensor),
+    what: &str,
+    f: impl FnOnce(&[f32], &[f32], &[f32]) -> Result<R>,
+) -> Result<R> {
+    with_cpu_f32(a, what, |a| {
+        with_cpu_f32(b, what, |b| with_cpu_f32(c, what, |c| f(a, b, c)))
+    })
+}
+
 /// The values of a contiguous f32 storage and its row length (last dimension).
 fn f32_rows<'a>(
     storage: &'a CpuStorage,
@@ -354,14 +365,10 @@ impl CustomOp2 for RmsNorm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (dx, dw) = with_cpu_f32(x, self.name(), |x| {
-            with_cpu_f32(w, self.name(), |w| {
-                with_cpu_f32(grad, self.name(), |g| {
-                    let mut dx = vec![0f32; x.len()];
-                    let dw = rms_norm_backward_rows(x, w, self.eps, g, &mut dx);
-                    Ok((dx, dw))
-                })
-            })
+        let (dx, dw) = with_cpu_f32_3((x, w, grad), self.name(), |x, w, g| {
+            let mut dx = vec![0f32; x.len()];
+            let dw = rms_norm_backward_rows(x, w, self.eps, g, &mut dx);
+            Ok((dx, dw))
         })?;
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), x.device())?),
@@ -461,15 +468,11 @@ impl CustomOp2 for SwiGlu {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let (da, du) = with_cpu_f32(a, self.name(), |a| {
-            with_cpu_f32(u, self.name(), |u| {
-                with_cpu_f32(grad, self.name(), |g| {
-                    let mut da = vec![0f32; a.len()];
-                    let mut du = vec![0f32; a.len()];
-                    swiglu_backward_slices(a, u, g, &mut da, &mut du);
-                    Ok((da, du))
-                })
-            })
+        let (da, du) = with_cpu_f32_3((a, u, grad), self.name(), |a, u, g| {
+            let mut da = vec![0f32; a.len()];
+            let mut du = vec![0f32; a.len()];
+            swiglu_backward_slices(a, u, g, &mut da, &mut du);
+            Ok((da, du))
         })?;
         Ok((
             Some(Tensor::from_vec(da, a.shape(), a.device())?),
@@ -491,7 +494,7 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_util::max_diff;
+    use crate::test_util::{assert_matches_finite_differences, max_diff, weighted_sum};
     use candle_core::{Device, Var};
 
     /// The composed reference: differentiable candle ops only.
@@ -578,33 +581,9 @@ mod tests {
             let (x, y) = (gf.get(v).expect("fused"), gc.get(v).expect("composed"));
             assert!(max_diff(x, y) < 1e-4, "gradient {}", max_diff(x, y));
         }
-        let loss = |a: &Tensor, b: &Tensor| -> Result<f64> {
-            let y = fused(a, b)?.to_dtype(DType::F64)?;
-            (y * w.to_dtype(DType::F64)?)?.sum_all()?.to_scalar::<f64>()
-        };
-        let eps = 1e-2f32;
-        for (which, v) in [&va, &vb].into_iter().enumerate() {
-            let grad: Vec<f32> = gf.get(v).expect("grad").flatten_all()?.to_vec1()?;
-            let base: Vec<f32> = v.as_tensor().flatten_all()?.to_vec1()?;
-            for idx in [0, base.len() / 2, base.len() - 1] {
-                let at = |delta: f32| -> Result<f64> {
-                    let mut data = base.clone();
-                    data[idx] += delta;
-                    let moved = Tensor::from_vec(data, v.shape(), &dev)?;
-                    if which == 0 {
-                        loss(&moved, vb.as_tensor())
-                    } else {
-                        loss(va.as_tensor(), &moved)
-                    }
-                };
-                let fd = (at(eps)? - at(-eps)?) / (2.0 * eps as f64);
-                assert!(
-                    (fd - grad[idx] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
-                    "input {which}[{idx}]: finite difference {fd} vs {}",
-                    grad[idx]
-                );
-            }
-        }
+        assert_matches_finite_differences(&[&va, &vb], &gf, |x| {
+            weighted_sum(&fused(&x[0], &x[1])?, &w)
+        })?;
         Ok(())
     }
 

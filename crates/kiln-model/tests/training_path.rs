@@ -6,6 +6,7 @@
 
 mod common;
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use common::*;
@@ -127,6 +128,29 @@ fn every_parameter_gets_a_gradient() {
     );
 }
 
+/// Every parameter's gradient in `a` and `b` agrees to `rel` of its largest magnitude.
+fn assert_same_gradients(varmap: &VarMap, a: &GradStore, b: &GradStore, rel: f32, what: &str) {
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for (name, var) in varmap.data().lock().unwrap().iter() {
+        let (x, y) = (
+            a.get(var.as_tensor()).expect("gradient"),
+            b.get(var.as_tensor()).expect("gradient"),
+        );
+        let (diff, scale) = (max_abs(&(x - y).unwrap()), max_abs(y));
+        assert!(
+            diff <= rel * scale.max(1e-3),
+            "{name}: {what} gradients differ by {diff} (scale {scale})"
+        );
+    }
+}
+
 /// The fused decoder-layer op and the layer composed of separately differentiable ops give the
 /// same loss and the same gradient for every parameter.
 #[test]
@@ -143,30 +167,7 @@ fn fused_layers_match_the_composed_layers() {
         loss_ref.to_scalar::<f32>().unwrap(),
     );
     assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
-    let data = varmap.data().lock().unwrap();
-    for (name, var) in data.iter() {
-        let f = fused.get(var.as_tensor()).expect("fused gradient");
-        let c = composed.get(var.as_tensor()).expect("composed gradient");
-        let scale = c
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let diff = (f - c)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            diff <= 1e-4 * scale.max(1e-3),
-            "{name}: fused and composed gradients differ by {diff} (scale {scale})"
-        );
-    }
+    assert_same_gradients(&varmap, &fused, &composed, 1e-4, "fused and composed");
 }
 
 /// Weight gradients of a backward pass that went around `CausalLm::backward` are dropped at the
@@ -179,14 +180,7 @@ fn a_bypassed_backward_leaves_nothing_for_the_next_step() {
     let clean = model.backward(&loss(&model)).unwrap();
     let _bypassed = loss(&model).backward().unwrap();
     let after = model.backward(&loss(&model)).unwrap();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        let (a, b) = (
-            clean.get(var.as_tensor()).unwrap(),
-            after.get(var.as_tensor()).unwrap(),
-        );
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-6, "{name}: {d}");
-    }
+    assert_same_gradients(&varmap, &after, &clean, 1e-6, "next step's and clean");
 }
 
 /// `token_nll` (LM head and cross-entropy fused) equals the cross-entropy of `forward`'s logits,
@@ -207,14 +201,7 @@ fn token_nll_matches_the_logits_cross_entropy() {
     assert!(diff.max_all().unwrap().to_scalar::<f32>().unwrap() < 1e-5);
     let gf = model.backward(&fused.sum_all().unwrap()).unwrap();
     let gc = model.backward(&composed.sum_all().unwrap()).unwrap();
-    for (name, var) in varmap.data().lock().unwrap().iter() {
-        let (a, c) = (
-            gf.get(var.as_tensor()).unwrap(),
-            gc.get(var.as_tensor()).unwrap(),
-        );
-        let d = (a - c).unwrap().abs().unwrap().max_all().unwrap();
-        assert!(d.to_scalar::<f32>().unwrap() < 1e-5, "{name}: {d}");
-    }
+    assert_same_gradients(&varmap, &gf, &gc, 1e-5, "fused and composed loss");
 }
 
 #[test]
