@@ -84,6 +84,24 @@ impl Linear {
         self.lora.as_ref()
     }
 
+    /// The same layer on the same storage, outside any autograd graph: for evaluation passes of
+    /// a model being trained (it sees every in-place update of the weights).
+    pub fn detached(&self) -> Self {
+        Self {
+            weight: match &self.weight {
+                LinearWeight::Dense(w) => LinearWeight::Dense(w.detach()),
+                LinearWeight::Quantized(q) => LinearWeight::Quantized(q.clone()),
+            },
+            bias: self.bias.as_ref().map(Tensor::detach),
+            lora: self.lora.as_ref().map(|l| LoraLayer {
+                a: l.a.detach(),
+                b: l.b.detach(),
+                scale: l.scale,
+            }),
+            ..*self
+        }
+    }
+
     /// Attaches (or replaces) a LoRA update, applied unmerged.
     pub fn set_lora(&mut self, lora: LoraLayer) -> Result<()> {
         let (r, a_in) = lora.a.dims2()?;

@@ -33,6 +33,13 @@ impl RmsNorm {
         })
     }
 
+    fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            eps: self.eps,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if x.dtype() == DType::F32
             && x.device().is_cpu()
@@ -225,6 +232,27 @@ impl DecoderLayer {
             .forward(&self.post_attention_layernorm.forward(&h)?)?
     }
 
+    fn detached(&self) -> Self {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        Self {
+            self_attn: Attention {
+                q_proj: a.q_proj.detached(),
+                k_proj: a.k_proj.detached(),
+                v_proj: a.v_proj.detached(),
+                o_proj: a.o_proj.detached(),
+                ..a.clone()
+            },
+            mlp: Mlp {
+                gate_proj: m.gate_proj.detached(),
+                up_proj: m.up_proj.detached(),
+                down_proj: m.down_proj.detached(),
+            },
+            input_layernorm: self.input_layernorm.detached(),
+            post_attention_layernorm: self.post_attention_layernorm.detached(),
+        }
+    }
+
     /// The weights, when the whole layer can run as one fused training op: dense f32 linears
     /// without bias or adapter.
     fn fusable_weights(&self) -> Option<LayerWeights> {
@@ -315,6 +343,22 @@ impl CausalLm {
         let mut grads = loss.backward()?;
         self.fused_state.drain_into(&mut grads)?;
         Ok(grads)
+    }
+
+    /// The same model on the same storage with no variable in it: forward passes through it
+    /// record no graph and save no activations, and still see every in-place update an
+    /// optimizer makes to the trained weights. For evaluation during training.
+    pub fn detached(&self) -> Self {
+        Self {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.detach(),
+            layers: self.layers.iter().map(DecoderLayer::detached).collect(),
+            norm: self.norm.detached(),
+            lm_head: self.lm_head.detached(),
+            rope: self.rope.clone(),
+            fused_state: FusedState::default(),
+            fused_layers: self.fused_layers,
+        }
     }
 
     /// Turns the fused decoder-layer op of training passes on (the default) or off. Off, every

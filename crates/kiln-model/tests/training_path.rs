@@ -183,6 +183,40 @@ fn a_bypassed_backward_leaves_nothing_for_the_next_step() {
     assert_same_gradients(&varmap, &after, &clean, 1e-6, "next step's and clean");
 }
 
+/// A detached view computes the same logits without a graph and follows in-place updates of the
+/// trained variables.
+#[test]
+fn a_detached_view_follows_the_variables_without_a_graph() {
+    let (varmap, model) = trainable_fixture().unwrap();
+    let view = model.detached();
+    let ids = batch();
+    let (trained, viewed) = (
+        model.forward(&ids, None).unwrap(),
+        view.forward(&ids, None).unwrap(),
+    );
+    assert!(trained.track_op() && !viewed.track_op());
+    let diff = (&trained - &viewed)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-5);
+    let norm = varmap.data().lock().unwrap()["model.norm.weight"].clone();
+    norm.set(&(norm.as_tensor() * 2.0).unwrap()).unwrap();
+    let after = view.forward(&ids, None).unwrap();
+    let moved = (&after - &viewed)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        moved.to_scalar::<f32>().unwrap() > 1e-3,
+        "the view saw the update"
+    );
+}
+
 /// `token_nll` (LM head and cross-entropy fused) equals the cross-entropy of `forward`'s logits,
 /// in value and in every parameter's gradient.
 #[test]

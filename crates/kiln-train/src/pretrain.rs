@@ -349,6 +349,8 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
         VarBuilder::from_varmap(&varmap, DType::F32, &device),
         &model_cfg,
     )?;
+    // Shares the variables' storage: sees every update, records no graph.
+    let eval_model = model.detached();
     let mut params: Vec<NamedVar> = varmap
         .data()
         .lock()
@@ -434,7 +436,7 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
         let step = state.global_step;
         let eval_now = step.is_multiple_of(cfg.eval_steps) || step == cfg.max_steps;
         let eval_loss = if eval_now && !eval_blocks.is_empty() {
-            let l = evaluate(&model, &mut eval_blocks, cfg)?;
+            let l = evaluate(&eval_model, &mut eval_blocks, cfg)?;
             last_eval = Some(l);
             Some(l)
         } else {
@@ -507,7 +509,8 @@ pub fn lm_loss(model: &CausalLm, rows: &[Vec<u32>], normalizer: usize) -> Result
     Ok((nll.sum_all()? / normalizer as f64)?)
 }
 
-/// Mean NLL over the held-out blocks (at most `max_eval_samples`).
+/// Mean NLL over the held-out blocks (at most `max_eval_samples`), computed on a detached view
+/// of the model (no graph, no saved activations).
 fn evaluate(model: &CausalLm, blocks: &mut TokenBlocks, cfg: &PretrainConfig) -> Result<f64> {
     let n = blocks.len().min(cfg.max_eval_samples);
     let mut total = 0.0;
@@ -517,9 +520,7 @@ fn evaluate(model: &CausalLm, blocks: &mut TokenBlocks, cfg: &PretrainConfig) ->
         let rows = (start..end)
             .map(|i| blocks.block(i))
             .collect::<Result<Vec<_>>>()?;
-        // The weights are variables, so candle records a graph here too; `detach` drops it as
-        // soon as the value is read.
-        let loss = lm_loss(model, &rows, n * cfg.max_length)?.detach();
+        let loss = lm_loss(model, &rows, n * cfg.max_length)?;
         total += f64::from(loss.to_scalar::<f32>()?);
         start = end;
     }
