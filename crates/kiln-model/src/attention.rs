@@ -245,6 +245,7 @@ impl CausalSelfAttention {
     }
 
     /// Output of the `rep` query heads of KV group `(b, g)`, `[rep, seq, head_dim]`.
+    #[allow(clippy::too_many_arguments)]
     fn forward_group(
         &self,
         scratch: &mut Scratch,
@@ -253,6 +254,7 @@ impl CausalSelfAttention {
         v: &[f32],
         b: usize,
         g: usize,
+        mut saved: Option<&mut [f32]>,
     ) -> Result<Vec<f32>> {
         let (t, d, nh, nkv, rep) = (
             self.seq,
@@ -269,6 +271,10 @@ impl CausalSelfAttention {
         for r in 0..rep {
             let h = g * rep + r;
             self.rope_rows(q, b * t * q_row + h * d, q_row, qr);
+            let p: &mut [f32] = match saved.as_deref_mut() {
+                Some(all) => &mut all[r * t * t..(r + 1) * t * t],
+                None => p,
+            };
             self.probabilities(qr, kr, p)?;
             self.causal_left(&mut out, r * t * d, p, v, kv_offset, kv_row, 1.0)?;
         }
@@ -287,6 +293,7 @@ impl CausalSelfAttention {
         dout: &[f32],
         b: usize,
         g: usize,
+        saved: Option<&[f32]>,
     ) -> Result<GroupGrads> {
         let (t, d, nh, nkv, rep) = (
             self.seq,
@@ -307,7 +314,13 @@ impl CausalSelfAttention {
             let h = g * rep + r;
             let q_offset = b * t * q_row + h * d;
             self.rope_rows(q, q_offset, q_row, qr);
-            self.probabilities(qr, kr, p)?;
+            let p: &[f32] = match saved {
+                Some(all) => &all[r * t * t..(r + 1) * t * t],
+                None => {
+                    self.probabilities(qr, kr, p)?;
+                    p
+                }
+            };
             // ∂V += Pᵀ·∂O
             self.causal_left_t(&mut dv, p, dout, q_offset, q_row, 1.0)?;
             // ∂P = ∂O·Vᵀ on the visible blocks, then ∂S = P ⊙ (∂P − rowsum(∂P ⊙ P)).
@@ -408,38 +421,71 @@ struct GroupGrads {
 }
 
 impl CausalSelfAttention {
+    /// Values in the attention probabilities of one call (`[batch, heads, seq, seq]`).
+    pub(crate) fn probs_len(&self) -> usize {
+        self.batch * self.heads * self.seq * self.seq
+    }
+
     /// The forward pass over Q, K, V in the projections' layout: the output, shaped like Q.
-    pub(crate) fn forward_f32(&self, q: &[f32], k: &[f32], v: &[f32]) -> Result<Vec<f32>> {
+    /// With `probs` (of [`Self::probs_len`] values, contents irrelevant) the probabilities are
+    /// written there for [`Self::backward_f32`], which then need not recompute them.
+    pub(crate) fn forward_f32(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        probs: Option<&mut [f32]>,
+    ) -> Result<Vec<f32>> {
         self.check_sizes(q.len(), k.len(), v.len())?;
-        let groups: Vec<Vec<f32>> = (0..self.batch * self.kv_heads)
-            .into_par_iter()
-            .map_init(
-                || Scratch::new(self.seq, self.head_dim, false),
-                |scratch, i| {
-                    self.forward_group(scratch, q, k, v, i / self.kv_heads, i % self.kv_heads)
-                },
-            )
-            .collect::<Result<_>>()?;
+        let scratch = || Scratch::new(self.seq, self.head_dim, false);
+        let nkv = self.kv_heads;
+        let groups: Vec<Vec<f32>> = match probs {
+            Some(probs) => {
+                if probs.len() != self.probs_len() {
+                    candle_core::bail!("fused attention: probability buffer of {}", probs.len());
+                }
+                probs
+                    .par_chunks_mut(self.rep() * self.seq * self.seq)
+                    .enumerate()
+                    .map_init(scratch, |s, (i, p)| {
+                        self.forward_group(s, q, k, v, i / nkv, i % nkv, Some(p))
+                    })
+                    .collect::<Result<_>>()?
+            }
+            None => (0..self.batch * nkv)
+                .into_par_iter()
+                .map_init(scratch, |s, i| {
+                    self.forward_group(s, q, k, v, i / nkv, i % nkv, None)
+                })
+                .collect::<Result<_>>()?,
+        };
         let refs: Vec<&[f32]> = groups.iter().map(Vec::as_slice).collect();
         Ok(self.scatter(&refs, self.rep(), self.kv_heads))
     }
 
-    /// The backward pass for the output gradient `dout`: `∂Q`, `∂K`, `∂V`.
+    /// The backward pass for the output gradient `dout`: `∂Q`, `∂K`, `∂V`; `probs` are those
+    /// the forward pass saved, if it did.
     pub(crate) fn backward_f32(
         &self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         dout: &[f32],
+        probs: Option<&[f32]>,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         self.check_sizes(q.len(), k.len(), v.len())?;
+        if probs.is_some_and(|p| p.len() != self.probs_len()) {
+            candle_core::bail!("fused attention: saved probabilities of the wrong size");
+        }
+        let per_group = self.rep() * self.seq * self.seq;
         let grads: Vec<GroupGrads> = (0..self.batch * self.kv_heads)
             .into_par_iter()
             .map_init(
                 || Scratch::new(self.seq, self.head_dim, true),
                 |scratch, i| {
                     let (b, g) = (i / self.kv_heads, i % self.kv_heads);
-                    self.backward_group(scratch, q, k, v, dout, b, g)
+                    let saved = probs.map(|p| &p[i * per_group..(i + 1) * per_group]);
+                    self.backward_group(scratch, q, k, v, dout, b, g, saved)
                 },
             )
             .collect::<Result<_>>()?;
@@ -469,7 +515,7 @@ impl CustomOp3 for CausalSelfAttention {
         let q = contiguous_f32(s1, l1, "fused attention: Q")?;
         let k = contiguous_f32(s2, l2, "fused attention: K")?;
         let v = contiguous_f32(s3, l3, "fused attention: V")?;
-        let out = self.forward_f32(q, k, v)?;
+        let out = self.forward_f32(q, k, v, None)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
@@ -485,7 +531,7 @@ impl CustomOp3 for CausalSelfAttention {
             with_cpu_f32(k, "K", |k| {
                 with_cpu_f32(v, "V", |v| {
                     with_cpu_f32(grad_res, "the output gradient", |dout| {
-                        self.backward_f32(q, k, v, dout)
+                        self.backward_f32(q, k, v, dout, None)
                     })
                 })
             })

@@ -132,6 +132,8 @@ struct Saved {
     gate: Vec<f32>,
     up: Vec<f32>,
     act: Vec<f32>,
+    /// Attention probabilities, when small enough to keep.
+    probs: Option<Vec<f32>>,
 }
 
 /// Borrowed f32 views of the layer's weights, in [`LayerWeights::all`] order.
@@ -146,6 +148,10 @@ struct Views<'a> {
     up: &'a [f32],
     down: &'a [f32],
 }
+
+/// Attention probabilities of up to this many values (64 MiB) per layer are saved by the forward
+/// pass; beyond it (long sequences) the backward pass recomputes them.
+const SAVED_PROBS_MAX: usize = 16 << 20;
 
 #[derive(Clone)]
 pub(crate) struct FusedDecoderLayer {
@@ -216,8 +222,12 @@ fn linear_weight_grad(
     Ok(dw)
 }
 
+/// `dst += src`, element-wise (the residual connections).
 fn add_into(dst: &mut [f32], src: &[f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+    use rayon::prelude::*;
+    dst.par_chunks_mut(1 << 14)
+        .zip(src.par_chunks(1 << 14))
+        .for_each(|(d, s)| d.iter_mut().zip(s).for_each(|(d, s)| *d += s));
 }
 
 impl FusedDecoderLayer {
@@ -322,7 +332,12 @@ impl FusedDecoderLayer {
             let q = linear(&n1, w.q, hd, qw)?;
             let k = linear(&n1, w.k, hd, kvw)?;
             let v = linear(&n1, w.v, hd, kvw)?;
-            let attn = self.attention.forward_f32(&q, &k, &v)?;
+            // The probabilities are kept for the backward pass while they stay modest.
+            let mut probs = (self.attention.probs_len() <= SAVED_PROBS_MAX)
+                .then(|| st.take(self.attention.probs_len()));
+            let attn = self
+                .attention
+                .forward_f32(&q, &k, &v, probs.as_deref_mut())?;
             let mut h = linear(&attn, w.o, qw, hd)?;
             add_into(&mut h, x);
             let mut n2 = st.take(x.len());
@@ -345,6 +360,7 @@ impl FusedDecoderLayer {
                 gate,
                 up,
                 act,
+                probs,
             });
             Ok(y)
         })
@@ -392,7 +408,9 @@ impl FusedDecoderLayer {
             let mut dattn = st.take(rows * qw);
             linear_input_grad(&mut dattn, &dh, w.o, rows, qw, hd, false)?;
             grad_for(&wt.o, &dh, &s.attn, qw, hd)?;
-            let (dq, dk, dv) = self.attention.backward_f32(&s.q, &s.k, &s.v, &dattn)?;
+            let (dq, dk, dv) =
+                self.attention
+                    .backward_f32(&s.q, &s.k, &s.v, &dattn, s.probs.as_deref())?;
             let mut dn1 = st.take(rows * hd);
             linear_input_grad(&mut dn1, &dq, w.q, rows, hd, qw, false)?;
             linear_input_grad(&mut dn1, &dk, w.k, rows, hd, kvw, true)?;
@@ -424,8 +442,13 @@ impl FusedDecoderLayer {
             gate,
             up,
             act,
+            probs,
         } = s;
-        st.give([n1, q, k, v, attn, h, n2, gate, up, act]);
+        st.give(
+            [n1, q, k, v, attn, h, n2, gate, up, act]
+                .into_iter()
+                .chain(probs),
+        );
         Ok(dx)
     }
 }
