@@ -2,16 +2,17 @@
 
 Not part of kiln or its CI. Run by hand with torch and transformers installed:
 
-    python3 crates/kiln-train/benches/train_step_peer.py
+    python3 crates/kiln-train/benches/train_step_peer.py [THREADS]   # default 2
 """
 
+import sys
 import time
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 SEQ, BATCH = 256, 8
-torch.set_num_threads(2)
+torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else 2)
 torch.manual_seed(0)
 cfg = LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=SEQ,
