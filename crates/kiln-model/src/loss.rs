@@ -15,7 +15,7 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{MatMut, MatRef, matmul_threaded};
-use crate::ops::{contiguous_f32, exp_shifted_sum, max_of, with_cpu_f32_3};
+use crate::ops::{contiguous_f32, contiguous_u32, exp_shifted_sum, max_of, with_cpu_f32_3};
 
 /// Rows of logits formed at once.
 const BLOCK_ROWS: usize = 512;
@@ -43,13 +43,6 @@ fn block_logits(h: &[f32], w: &[f32], hidden: usize, vocab: usize, out: &mut [f3
     )
 }
 
-fn targets_of<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&s.as_slice::<u32>()?[start..end]),
-        None => candle_core::bail!("linear cross-entropy: targets must be contiguous"),
-    }
-}
-
 impl LinearCrossEntropy {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, Option<Vec<f32>>>> {
         self.saved_logits
@@ -74,7 +67,7 @@ impl CustomOp3 for LinearCrossEntropy {
     ) -> Result<(CpuStorage, Shape)> {
         let h = contiguous_f32(s1, l1, self.name())?;
         let w = contiguous_f32(s2, l2, self.name())?;
-        let targets = targets_of(s3, l3)?;
+        let targets = contiguous_u32(s3, l3)?;
         let (vocab, hidden) = l2.shape().dims2()?;
         let rows = targets.len();
         if h.len() != rows * hidden {

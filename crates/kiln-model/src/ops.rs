@@ -21,8 +21,8 @@ use candle_core::{
 };
 use rayon::prelude::*;
 
-/// The f32 values of a contiguous CPU storage.
-pub(crate) fn contiguous_f32<'a>(
+/// The f32 values of a contiguous CPU storage; `what` names the op in the error.
+pub fn contiguous_f32<'a>(
     storage: &'a CpuStorage,
     layout: &Layout,
     what: &str,
@@ -248,7 +248,8 @@ impl CustomOp3 for CrossEntropyGrad {
     }
 }
 
-fn contiguous_u32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
+/// The u32 values of a contiguous CPU storage (token ids, targets).
+pub(crate) fn contiguous_u32<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [u32]> {
     let data = storage.as_slice::<u32>()?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
