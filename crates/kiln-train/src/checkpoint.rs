@@ -1,7 +1,8 @@
 //! Checkpoints that are written atomically and resume exactly.
 //!
 //! A checkpoint is a directory `checkpoint-STEP/` holding `model.safetensors` (the trainable
-//! parameters by checkpoint name), `optimizer.safetensors` (AdamW's moments) and
+//! parameters by checkpoint name), `optimizer.safetensors` (the optimizer's state tensors),
+//! `optimizer.json` (which optimizer wrote them, by its HF `optim` name) and
 //! `trainer_state.json` (step counters, data position, seed, and whatever the recipe adds). It is
 //! written into a temporary sibling, every file synced, then renamed into place: a crash at any
 //! moment leaves either the previous checkpoint or the complete new one, never a torn one.
@@ -14,10 +15,14 @@ use candle_core::{Device, Tensor};
 use kiln_core::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{AdamW, NamedVar};
+use crate::optim::NamedVar;
+use crate::optimizer::Optimizer;
 
 const MODEL_FILE: &str = "model.safetensors";
 const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+const OPTIMIZER_META_FILE: &str = "optimizer.json";
+/// The optimizer of checkpoints written before `optimizer.json` existed (kiln had only AdamW).
+const LEGACY_OPTIMIZER: &str = "adamw_torch";
 const STATE_FILE: &str = "trainer_state.json";
 const PREFIX: &str = "checkpoint-";
 
@@ -32,6 +37,13 @@ pub struct TrainerState {
     /// Recipe-specific state (e.g. the best eval loss so far).
     #[serde(default)]
     pub extra: serde_json::Value,
+}
+
+/// `optimizer.json`: which optimizer's state `optimizer.safetensors` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OptimizerMeta {
+    /// The HF `optim` name, e.g. `adamw_torch` or `paged_adamw_8bit`.
+    optim: String,
 }
 
 /// A checkpoint on disk.
@@ -52,7 +64,7 @@ impl Checkpoint {
     pub fn save(
         output_dir: &Path,
         params: &[NamedVar],
-        optimizer: &AdamW,
+        optimizer: &Optimizer,
         state: &TrainerState,
     ) -> Result<Self> {
         std::fs::create_dir_all(output_dir).map_err(io(output_dir))?;
@@ -69,7 +81,7 @@ impl Checkpoint {
             .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
             .collect();
         save_tensors(&model, &tmp.join(MODEL_FILE))?;
-        let (opt_tensors, opt_step) = optimizer.state_tensors();
+        let (opt_tensors, opt_step) = optimizer.state_tensors()?;
         if opt_step != state.global_step {
             return Err(Error::InvalidInput(format!(
                 "checkpoint at step {} but the optimizer has taken {opt_step} steps",
@@ -77,13 +89,12 @@ impl Checkpoint {
             )));
         }
         save_tensors(&opt_tensors, &tmp.join(OPTIMIZER_FILE))?;
-        let state_path = tmp.join(STATE_FILE);
-        let json = serde_json::to_vec_pretty(state).map_err(|source| Error::Json {
-            path: state_path.clone(),
-            source,
-        })?;
-        std::fs::write(&state_path, json).map_err(io(&state_path))?;
-        for file in [MODEL_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        let meta = OptimizerMeta {
+            optim: optimizer.name().to_string(),
+        };
+        write_json(&meta, &tmp.join(OPTIMIZER_META_FILE))?;
+        write_json(state, &tmp.join(STATE_FILE))?;
+        for file in [MODEL_FILE, OPTIMIZER_FILE, OPTIMIZER_META_FILE, STATE_FILE] {
             sync(&tmp.join(file))?;
         }
 
@@ -130,8 +141,29 @@ impl Checkpoint {
         kiln_core::read_json(&self.dir.join(STATE_FILE))
     }
 
-    /// Restores parameter values and optimizer state; returns the trainer state.
-    pub fn restore(&self, params: &[NamedVar], optimizer: &mut AdamW) -> Result<TrainerState> {
+    /// The HF `optim` name of the optimizer that wrote this checkpoint (`adamw_torch` for
+    /// checkpoints from before kiln recorded it).
+    pub fn optimizer_name(&self) -> Result<String> {
+        let path = self.dir.join(OPTIMIZER_META_FILE);
+        if !path.exists() {
+            return Ok(LEGACY_OPTIMIZER.to_string());
+        }
+        let meta: OptimizerMeta = kiln_core::read_json(&path)?;
+        Ok(meta.optim)
+    }
+
+    /// Restores parameter values and optimizer state; returns the trainer state. The checkpoint
+    /// must have been written by an optimizer with the same state layout as `optimizer`
+    /// (`adamw_8bit` and `paged_adamw_8bit` share one; aliases of `adamw_torch` too).
+    pub fn restore(&self, params: &[NamedVar], optimizer: &mut Optimizer) -> Result<TrainerState> {
+        let saved = self.optimizer_name()?;
+        if Optimizer::state_kind_of(&saved) != Some(optimizer.state_kind()) {
+            return Err(Error::InvalidInput(format!(
+                "{}: the checkpoint holds `{saved}` optimizer state, but this run uses `{}`; resume with optim: {saved}, or start a fresh output_dir",
+                self.dir.display(),
+                optimizer.name()
+            )));
+        }
         let state = self.state()?;
         let model_path = self.dir.join(MODEL_FILE);
         let mut model = load_tensors(&model_path)?;
@@ -155,6 +187,14 @@ impl Checkpoint {
         optimizer.load_state(optimizer_state, state.global_step)?;
         Ok(state)
     }
+}
+
+fn write_json(value: &impl Serialize, path: &Path) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).map_err(|source| Error::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(path, json).map_err(io(path))
 }
 
 fn save_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {

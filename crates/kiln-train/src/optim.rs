@@ -9,6 +9,10 @@
 //!
 //! Moments are kept in f32 whatever the parameter dtype. Parameters excluded from weight decay
 //! (biases and norm weights, as the HF Trainer does) are marked per parameter.
+//!
+//! [`Sgd`] is `torch.optim.SGD` as the HF Trainer builds it for `optim: sgd` (no momentum, L2
+//! weight decay added to the gradient). The 8-bit AdamW of bitsandbytes is in
+//! [`crate::optim8bit`]; [`crate::optimizer::Optimizer`] picks one by its HF `optim` name.
 
 use std::collections::HashMap;
 
@@ -57,10 +61,11 @@ impl Default for AdamWConfig {
     }
 }
 
+/// The f32 first and second moments of one parameter.
 #[derive(Debug)]
-struct Moments {
-    m: Tensor,
-    v: Tensor,
+pub(crate) struct Moments {
+    pub(crate) m: Tensor,
+    pub(crate) v: Tensor,
 }
 
 #[derive(Debug)]
@@ -103,66 +108,27 @@ impl AdamW {
     /// its moments), as PyTorch does for `grad is None`.
     pub fn step(&mut self, grads: &GradStore) -> Result<()> {
         self.step += 1;
-        let c = self.config;
-        let t = self.step as i32;
-        let bias_correction1 = 1.0 - c.beta1.powi(t);
-        let bias_correction2_sqrt = (1.0 - c.beta2.powi(t)).sqrt();
-        let step_size = c.lr / bias_correction1;
         for (param, moments) in self.params.iter().zip(self.moments.iter_mut()) {
             let Some(g) = grads.get(param.var.as_tensor()) else {
                 continue;
             };
-            let g = g.to_dtype(DType::F32)?;
-            let state = match moments.take() {
-                Some(s) => s,
-                None => Moments {
-                    m: g.zeros_like()?,
-                    v: g.zeros_like()?,
-                },
-            };
-            let scalars = Scalars {
-                beta1: c.beta1 as f32,
-                beta2: c.beta2 as f32,
-                decay: if param.decay {
-                    (1.0 - c.lr * c.weight_decay) as f32
-                } else {
-                    1.0
-                },
-                bias_correction2_sqrt: bias_correction2_sqrt as f32,
-                eps: c.eps as f32,
-                step_size: step_size as f32,
-            };
-            let var = param.var.as_tensor();
-            let fused = [var, &g, &state.m, &state.v]
-                .iter()
-                .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous());
-            let Moments { m, v } = if fused {
-                // In place, three passes over memory and no allocation.
-                state.m.inplace_op2(&g, &FirstMoment(scalars.beta1))?;
-                state.v.inplace_op2(&g, &SecondMoment(scalars.beta2))?;
-                var.inplace_op3(&state.m, &state.v, &ParamStep(scalars))?;
-                state
-            } else {
-                let (p, m, v) = composed_update(&var.to_dtype(DType::F32)?, &g, &state, &scalars)?;
-                param.var.set(&p.to_dtype(param.var.dtype())?)?;
-                Moments { m, v }
-            };
-            *moments = Some(Moments { m, v });
+            let k = Scalars::new(&self.config, self.step, param.decay);
+            *moments = Some(update(&param.var, g, moments.take(), &k)?);
         }
         Ok(())
     }
 
     /// The optimizer state as named tensors (`NAME.exp_avg`, `NAME.exp_avg_sq`) and the step
-    /// count, for checkpoints.
-    pub fn state_tensors(&self) -> (HashMap<String, Tensor>, u64) {
+    /// count, for checkpoints. The tensors are copies: the live moments are updated in place.
+    pub fn state_tensors(&self) -> Result<(HashMap<String, Tensor>, u64)> {
         let mut out = HashMap::new();
         for (param, moments) in self.params.iter().zip(&self.moments) {
             if let Some(s) = moments {
-                out.insert(format!("{}.exp_avg", param.name), s.m.clone());
-                out.insert(format!("{}.exp_avg_sq", param.name), s.v.clone());
+                out.insert(format!("{}.exp_avg", param.name), s.m.copy()?);
+                out.insert(format!("{}.exp_avg_sq", param.name), s.v.copy()?);
             }
         }
-        (out, self.step)
+        Ok((out, self.step))
     }
 
     /// Restores state saved by [`AdamW::state_tensors`]; every saved tensor must belong to a
@@ -181,10 +147,16 @@ impl AdamW {
                             param.var.dims()
                         );
                     }
-                    let device = param.var.device();
+                    // Own copies: the moments are updated in place, and a conversion to the
+                    // same dtype and device would share the caller's storage.
+                    let own = |t: Tensor| {
+                        t.to_dtype(DType::F32)?
+                            .to_device(param.var.device())?
+                            .copy()
+                    };
                     Some(Moments {
-                        m: m.to_dtype(DType::F32)?.to_device(device)?,
-                        v: v.to_dtype(DType::F32)?.to_device(device)?,
+                        m: own(m)?,
+                        v: own(v)?,
                     })
                 }
                 (None, None) => None,
@@ -208,28 +180,198 @@ impl AdamW {
     }
 }
 
+/// `torch.optim.SGD`'s hyper-parameters as the HF Trainer passes them for `optim: sgd`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SgdConfig {
+    pub lr: f64,
+    /// L2 penalty added to the gradient (`g + wd·p`), applied to parameters with
+    /// [`NamedVar::decay`] only, as the HF Trainer's parameter groups do.
+    pub weight_decay: f64,
+}
+
+impl Default for SgdConfig {
+    /// `torch.optim.SGD`'s defaults.
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Plain stochastic gradient descent, `torch.optim.SGD` with no momentum:
+///
+/// ```text
+/// p ← p − lr · (g + wd·p)
+/// ```
+///
+/// Unlike AdamW's, this weight decay is not decoupled: torch adds it to the gradient. There is
+/// no optimizer state.
+#[derive(Debug)]
+pub struct Sgd {
+    params: Vec<NamedVar>,
+    config: SgdConfig,
+    step: u64,
+}
+
+impl Sgd {
+    pub fn new(params: Vec<NamedVar>, config: SgdConfig) -> Self {
+        Self {
+            params,
+            config,
+            step: 0,
+        }
+    }
+
+    pub fn params(&self) -> &[NamedVar] {
+        &self.params
+    }
+
+    pub fn config(&self) -> &SgdConfig {
+        &self.config
+    }
+
+    pub fn set_lr(&mut self, lr: f64) {
+        self.config.lr = lr;
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step_count(&self) -> u64 {
+        self.step
+    }
+
+    /// Applies one update from `grads`; a parameter without a gradient is left alone.
+    pub fn step(&mut self, grads: &GradStore) -> Result<()> {
+        self.step += 1;
+        for param in &self.params {
+            let Some(g) = grads.get(param.var.as_tensor()) else {
+                continue;
+            };
+            let g = g.to_dtype(DType::F32)?;
+            let op = SgdStep {
+                lr: self.config.lr as f32,
+                weight_decay: if param.decay {
+                    self.config.weight_decay as f32
+                } else {
+                    0.0
+                },
+            };
+            let p = param.var.as_tensor();
+            let fused = [p, &g]
+                .iter()
+                .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous());
+            if fused {
+                p.inplace_op2(&g, &op)?;
+            } else {
+                // Tensor ops for parameters off the CPU or not in f32.
+                let p32 = p.to_dtype(DType::F32)?;
+                let d = (&g + (&p32 * f64::from(op.weight_decay))?)?;
+                let updated = (p32 - (d * f64::from(op.lr))?)?;
+                param.var.set(&updated.to_dtype(param.var.dtype())?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// SGD without momentum keeps no state: no tensors, and the step count.
+    pub fn state_tensors(&self) -> (HashMap<String, Tensor>, u64) {
+        (HashMap::new(), self.step)
+    }
+
+    /// Restores the step count; SGD state holds no tensors, so any tensor is an error (it was
+    /// written by another optimizer).
+    pub fn load_state(&mut self, tensors: HashMap<String, Tensor>, step: u64) -> Result<()> {
+        if let Some(name) = tensors.keys().next() {
+            candle_core::bail!(
+                "SGD keeps no optimizer state, but the saved state holds `{name}` (written by another optimizer?)"
+            );
+        }
+        self.step = step;
+        Ok(())
+    }
+
+    /// Bytes of optimizer state: none.
+    pub fn state_bytes(&self) -> usize {
+        0
+    }
+}
+
 /// The per-step constants of the update, in the f32 the arithmetic runs in.
 #[derive(Debug, Clone, Copy)]
-struct Scalars {
-    beta1: f32,
-    beta2: f32,
+pub(crate) struct Scalars {
+    pub(crate) beta1: f32,
+    pub(crate) beta2: f32,
     /// `1 − lr·wd`, or 1 for a parameter exempt from decay.
-    decay: f32,
-    bias_correction2_sqrt: f32,
-    eps: f32,
-    step_size: f32,
+    pub(crate) decay: f32,
+    pub(crate) bias_correction2_sqrt: f32,
+    pub(crate) eps: f32,
+    /// `lr / (1 − β1ᵗ)`.
+    pub(crate) step_size: f32,
+}
+
+impl Scalars {
+    /// The constants of step `step` (counted from 1) for a parameter with or without decay.
+    pub(crate) fn new(c: &AdamWConfig, step: u64, decay: bool) -> Self {
+        let t = i32::try_from(step).unwrap_or(i32::MAX);
+        Self {
+            beta1: c.beta1 as f32,
+            beta2: c.beta2 as f32,
+            decay: if decay {
+                (1.0 - c.lr * c.weight_decay) as f32
+            } else {
+                1.0
+            },
+            bias_correction2_sqrt: (1.0 - c.beta2.powi(t)).sqrt() as f32,
+            eps: c.eps as f32,
+            step_size: (c.lr / (1.0 - c.beta1.powi(t))) as f32,
+        }
+    }
+}
+
+/// One AdamW update of `var` from its gradient `g` with f32 moments (zero when `state` is
+/// `None`), returning the new moments. CPU f32 parameters are updated in place; others through
+/// tensor ops.
+pub(crate) fn update(
+    var: &Var,
+    g: &Tensor,
+    state: Option<Moments>,
+    k: &Scalars,
+) -> Result<Moments> {
+    let g = g.to_dtype(DType::F32)?;
+    let state = match state {
+        Some(s) => s,
+        None => Moments {
+            m: g.zeros_like()?,
+            v: g.zeros_like()?,
+        },
+    };
+    let p = var.as_tensor();
+    let fused = [p, &g, &state.m, &state.v]
+        .iter()
+        .all(|t| t.dtype() == DType::F32 && t.device().is_cpu() && t.is_contiguous());
+    if fused {
+        // In place, three passes over memory and no allocation.
+        state.m.inplace_op2(&g, &FirstMoment(k.beta1))?;
+        state.v.inplace_op2(&g, &SecondMoment(k.beta2))?;
+        p.inplace_op3(&state.m, &state.v, &ParamStep(*k))?;
+        Ok(state)
+    } else {
+        let (p, m, v) = composed_update(&p.to_dtype(DType::F32)?, &g, &state, k)?;
+        var.set(&p.to_dtype(var.dtype())?)?;
+        Ok(Moments { m, v })
+    }
 }
 
 /// Elements per parallel work item of the in-place kernels.
 const CHUNK: usize = 16 * 1024;
 
-fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
+pub(crate) fn cpu_f32_mut<'a>(s: &'a mut CpuStorage, l: &Layout) -> Result<&'a mut [f32]> {
     let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("AdamW: optimizer tensors must be contiguous");
+        candle_core::bail!("optimizer: updated tensors must be contiguous");
     };
     match s {
         CpuStorage::F32(data) => Ok(&mut data[start..end]),
-        _ => candle_core::bail!("AdamW: optimizer tensors must be f32"),
+        _ => candle_core::bail!("optimizer: updated tensors must be f32"),
     }
 }
 
@@ -305,6 +447,31 @@ impl InplaceOp3 for ParamStep {
                     let denom = v.sqrt() / k.bias_correction2_sqrt + k.eps;
                     *p = *p * k.decay - m / denom * k.step_size;
                 }
+            });
+        Ok(())
+    }
+}
+
+/// `p ← p − lr·(g + wd·p)`, in place.
+struct SgdStep {
+    lr: f32,
+    weight_decay: f32,
+}
+
+impl InplaceOp2 for SgdStep {
+    fn name(&self) -> &'static str {
+        "kiln-sgd-step"
+    }
+
+    fn cpu_fwd(&self, p: &mut CpuStorage, pl: &Layout, g: &CpuStorage, gl: &Layout) -> Result<()> {
+        let (p, g) = (cpu_f32_mut(p, pl)?, contiguous_f32(g, gl, "SGD")?);
+        let (lr, wd) = (self.lr, self.weight_decay);
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .for_each(|(p, g)| {
+                p.iter_mut()
+                    .zip(g)
+                    .for_each(|(p, g)| *p -= lr * (g + wd * *p))
             });
         Ok(())
     }

@@ -11,7 +11,7 @@ use candle_nn::{VarBuilder, VarMap};
 use kiln_core::ModelConfig;
 use kiln_model::CausalLm;
 use kiln_train::{
-    AdamW, AdamWConfig, Checkpoint, GradAccumulator, LrSchedule, NamedVar, ScheduleKind,
+    AdamW, AdamWConfig, Checkpoint, GradAccumulator, LrSchedule, NamedVar, Optimizer, ScheduleKind,
     TrainerState, clip_grad_norm, ensure_all_have_gradients,
 };
 use serde_json::Value;
@@ -242,7 +242,7 @@ fn zero_gradient_guard_names_the_cut_parameter() {
 fn train(
     model: &CausalLm,
     params: &[NamedVar],
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     schedule: &LrSchedule,
     steps: u64,
 ) -> Vec<f32> {
@@ -279,7 +279,7 @@ fn resumed_run_logs_the_same_losses_as_the_uninterrupted_one() {
     };
 
     let (model, params) = trainable_llama();
-    let mut opt = AdamW::new(params.clone(), config);
+    let mut opt = Optimizer::AdamW(AdamW::new(params.clone(), config));
     let straight = train(&model, &params, &mut opt, &schedule, 6);
     assert!(
         straight[5] < straight[0],
@@ -288,7 +288,7 @@ fn resumed_run_logs_the_same_losses_as_the_uninterrupted_one() {
 
     let out = tempfile::tempdir().unwrap();
     let (model, params) = trainable_llama();
-    let mut opt = AdamW::new(params.clone(), config);
+    let mut opt = Optimizer::AdamW(AdamW::new(params.clone(), config));
     let mut first = train(&model, &params, &mut opt, &schedule, 3);
     let state = TrainerState {
         global_step: 3,
@@ -301,7 +301,7 @@ fn resumed_run_logs_the_same_losses_as_the_uninterrupted_one() {
 
     // A fresh process: the model from the original weights, then the checkpoint.
     let (model, params) = trainable_llama();
-    let mut opt = AdamW::new(params.clone(), config);
+    let mut opt = Optimizer::AdamW(AdamW::new(params.clone(), config));
     let ckpt = Checkpoint::latest(out.path()).unwrap().unwrap();
     assert_eq!(ckpt.restore(&params, &mut opt).unwrap(), state);
     first.extend(train(&model, &params, &mut opt, &schedule, 3));
@@ -311,7 +311,7 @@ fn resumed_run_logs_the_same_losses_as_the_uninterrupted_one() {
 #[test]
 fn interrupted_checkpoint_writes_are_never_picked_up() {
     let (_, params) = trainable_llama();
-    let opt = AdamW::new(params.clone(), AdamWConfig::default());
+    let opt = Optimizer::AdamW(AdamW::new(params.clone(), AdamWConfig::default()));
     let out = tempfile::tempdir().unwrap();
     let state = TrainerState::default();
     Checkpoint::save(out.path(), &params, &opt, &state).unwrap();
