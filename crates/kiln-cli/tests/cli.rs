@@ -412,3 +412,67 @@ fn data_synth_writes_the_world() {
         assert!(out.path().join(f).is_file(), "{f}");
     }
 }
+
+#[test]
+fn merge_writes_a_model_that_generates_like_the_adapter() {
+    let lora: Value = serde_json::from_str(
+        &std::fs::read_to_string(testdata().join("llama-lora/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("merged");
+    let out = out_dir.to_str().unwrap();
+    let adapter = testdata().join("llama-lora");
+    let merge = [
+        "merge",
+        "--model",
+        &model(),
+        "--adapter",
+        adapter.to_str().unwrap(),
+        "--out",
+        out,
+    ];
+    let run = kiln(&merge);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "kiln merge failed: {}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("merged 4 LoRA modules") && stdout.contains(out),
+        "{stdout}"
+    );
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(out_dir.join(file).is_file(), "{file} missing");
+    }
+
+    // The merged model alone generates what base + adapter generates under PEFT.
+    for case in lora["greedy"].as_array().unwrap() {
+        let v = stdout_json(&kiln(&[
+            "generate",
+            "--model",
+            out,
+            "--prompt",
+            case["prompt"].as_str().unwrap(),
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0",
+            "--ignore-eos",
+            "--json",
+        ]));
+        assert_eq!(v["prompt_token_ids"], case["prompt_ids"]);
+        assert_eq!(v["token_ids"], case["new_ids"]);
+    }
+
+    // Merging into the same directory again is refused, naming the file, with no panic.
+    let again = kiln(&merge);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success());
+    assert!(
+        stderr.contains("model.safetensors") && stderr.contains("already exists"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

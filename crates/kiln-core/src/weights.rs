@@ -3,6 +3,9 @@
 //! Model code asks for `vb.pp("self_attn").get((out, in), "q_proj.weight")`; this backend finds
 //! the shard holding the tensor, checks its shape and converts its dtype. Errors name the file,
 //! the tensor and both shapes, which is what a user with a broken checkpoint needs to see.
+//!
+//! Individual tensors can be overridden in memory ([`SafetensorsWeights::set_override`]): that
+//! is how an adapter's `modules_to_save` weights replace the base model's before it is built.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -17,6 +20,8 @@ use crate::{Error, Result};
 pub struct SafetensorsWeights {
     files: Vec<(PathBuf, MmapedSafetensors)>,
     index: HashMap<String, usize>,
+    /// Tensors served instead of the files' (same name, same shape).
+    overrides: HashMap<String, Tensor>,
 }
 
 impl std::fmt::Debug for SafetensorsWeights {
@@ -27,6 +32,7 @@ impl std::fmt::Debug for SafetensorsWeights {
                 &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
             )
             .field("tensors", &self.index.len())
+            .field("overrides", &self.overrides.len())
             .finish()
     }
 }
@@ -50,7 +56,31 @@ impl SafetensorsWeights {
             }
             files.push((path.clone(), mapped));
         }
-        Ok(Self { files, index })
+        Ok(Self {
+            files,
+            index,
+            overrides: HashMap::new(),
+        })
+    }
+
+    /// Serves `tensor` instead of the stored tensor `name`, which must exist with the same shape
+    /// (errors name the file holding it and both shapes). Converted to the requested dtype and
+    /// device when loaded, like any stored tensor.
+    pub fn set_override(&mut self, name: &str, tensor: Tensor) -> Result<()> {
+        let stored = self.shape_of(name).ok_or_else(|| self.missing(name))?;
+        if tensor.dims() != stored.as_slice() {
+            return Err(Error::TensorShape {
+                file: self
+                    .file_of(name)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+                name: name.to_string(),
+                expected: stored,
+                found: tensor.dims().to_vec(),
+            });
+        }
+        self.overrides.insert(name.to_string(), tensor);
+        Ok(())
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -77,6 +107,9 @@ impl SafetensorsWeights {
 
     /// Loads a tensor as stored, converted to `dtype` on `device`.
     pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        if let Some(tensor) = self.overrides.get(name) {
+            return Ok(tensor.to_device(device)?.to_dtype(dtype)?);
+        }
         let &i = self.index.get(name).ok_or_else(|| self.missing(name))?;
         let (path, mapped) = &self.files[i];
         let tensor = mapped.load(name, device).map_err(|e| {
