@@ -17,7 +17,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Storage, Tensor};
 
 use crate::attention::CausalSelfAttention;
 use crate::gemm::{MatMut, MatRef, matmul_threaded};
@@ -102,9 +102,46 @@ pub(crate) struct LayerWeights {
     pub up: Tensor,
     pub down: Tensor,
     pub eps: f32,
+    /// LoRA adapters of q, k, v, o, gate, up and down, in that order.
+    pub lora: [Option<FusedLora>; 7],
 }
 
+/// A LoRA adapter on one of the layer's linears: `y += scale · (dropout(x)·Aᵀ)·Bᵀ`.
+#[derive(Debug, Clone)]
+pub(crate) struct FusedLora {
+    /// `[r, in]`
+    pub a: Tensor,
+    /// `[out, r]`
+    pub b: Tensor,
+    pub scale: f32,
+    pub dropout: f32,
+    /// The dropout mask of this pass (see [`crate::ops::dropout_keep_scale`]), when it drops.
+    pub mask_seed: Option<u64>,
+}
+
+/// The linears of a layer, indices into [`LayerWeights::lora`].
+const Q: usize = 0;
+const K: usize = 1;
+const V: usize = 2;
+const O: usize = 3;
+const GATE: usize = 4;
+const UP: usize = 5;
+const DOWN: usize = 6;
+
 impl LayerWeights {
+    /// A tensor of the layer that carries a gradient, if any: the second input of the fused op,
+    /// so that candle runs its backward pass even when the layer's input needs no gradient (a
+    /// LoRA run's first layer, whose input is a frozen embedding).
+    fn tracked(&self) -> Option<&Tensor> {
+        self.all().into_iter().find(|t| t.track_op()).or_else(|| {
+            self.lora
+                .iter()
+                .flatten()
+                .flat_map(|l| [&l.a, &l.b])
+                .find(|t| t.track_op())
+        })
+    }
+
     fn all(&self) -> [&Tensor; 9] {
         [
             &self.input_norm,
@@ -134,6 +171,8 @@ struct Saved {
     act: Vec<f32>,
     /// Attention probabilities, when small enough to keep.
     probs: Option<Vec<f32>>,
+    /// `dropout(x)·Aᵀ` of each adapted linear, `[rows, r]`.
+    lora_down: [Option<Vec<f32>>; 7],
 }
 
 /// Borrowed f32 views of the layer's weights, in [`LayerWeights::all`] order.
@@ -222,6 +261,18 @@ fn linear_weight_grad(
     Ok(dw)
 }
 
+/// An adapter's A (`[r, in]`) and B (`[out, r]`) as f32 vectors, and `r`. Adapters are small
+/// (r·(in + out) values), so a copy per pass costs nothing that shows.
+fn lora_matrices(l: &FusedLora) -> Result<(Vec<f32>, Vec<f32>, usize)> {
+    let r = l.a.dims2()?.0;
+    let flat = |t: &Tensor| {
+        t.to_dtype(candle_core::DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()
+    };
+    Ok((flat(&l.a)?, flat(&l.b)?, r))
+}
+
 /// `dst += src`, element-wise (the residual connections).
 fn add_into(dst: &mut [f32], src: &[f32]) {
     use rayon::prelude::*;
@@ -277,7 +328,133 @@ impl FusedDecoderLayer {
 
     /// The layer's output for `x` (`[tokens, hidden]`).
     pub fn apply(self, x: &Tensor) -> Result<Tensor> {
-        x.contiguous()?.apply_op1(self)
+        let x = x.contiguous()?;
+        let anchor = self.weights.tracked().cloned().unwrap_or_else(|| x.clone());
+        x.apply_op2(&anchor, self)
+    }
+
+    /// Adds the LoRA update of linear `i` to `y` (`[rows, out]`) for input `x` (`[rows, inp]`)
+    /// and returns `dropout(x)·Aᵀ` for the backward pass.
+    fn lora_forward(
+        &self,
+        i: usize,
+        x: &[f32],
+        y: &mut [f32],
+        inp: usize,
+        out: usize,
+    ) -> Result<Option<Vec<f32>>> {
+        let Some(l) = &self.weights.lora[i] else {
+            return Ok(None);
+        };
+        let rows = x.len() / inp;
+        let (a, b, r) = lora_matrices(l)?;
+        let st = &self.state;
+        let dropped = l.mask_seed.map(|seed| {
+            let mut xd = st.take(x.len());
+            crate::ops::dropout_mask_into(seed, l.dropout, &mut xd, |j, m| x[j] * m);
+            xd
+        });
+        let mut down = st.take(rows * r);
+        matmul_threaded(
+            &mut MatMut::new(&mut down, 0, rows, r, r)?,
+            MatRef::new(dropped.as_deref().unwrap_or(x), 0, rows, inp, inp)?,
+            MatRef::new(&a, 0, r, inp, inp)?.t(),
+            1.0,
+            false,
+        )?;
+        matmul_threaded(
+            &mut MatMut::new(y, 0, rows, out, out)?,
+            MatRef::new(&down, 0, rows, r, r)?,
+            MatRef::new(&b, 0, out, r, r)?.t(),
+            l.scale,
+            true,
+        )?;
+        st.give(dropped);
+        Ok(Some(down))
+    }
+
+    /// The backward pass of linear `i`'s adapter: pushes ∂A and ∂B, and adds the adapter's share
+    /// of `∂x` to `dx`.
+    fn lora_backward(
+        &self,
+        i: usize,
+        x: &[f32],
+        dy: &[f32],
+        down: Option<&[f32]>,
+        dx: &mut [f32],
+        (inp, out): (usize, usize),
+    ) -> Result<()> {
+        let (Some(l), Some(down)) = (&self.weights.lora[i], down) else {
+            return Ok(());
+        };
+        let rows = x.len() / inp;
+        let (a, b, r) = lora_matrices(l)?;
+        let st = &self.state;
+        if l.b.track_op() {
+            let mut db = vec![0f32; out * r];
+            matmul_threaded(
+                &mut MatMut::new(&mut db, 0, out, r, r)?,
+                MatRef::new(dy, 0, rows, out, out)?.t(),
+                MatRef::new(down, 0, rows, r, r)?,
+                l.scale,
+                false,
+            )?;
+            st.push_grad(&l.b, Tensor::from_vec(db, (out, r), l.b.device())?)?;
+        }
+        // ∂(x·Aᵀ) = scale · ∂y·B
+        let mut ddown = st.take(rows * r);
+        matmul_threaded(
+            &mut MatMut::new(&mut ddown, 0, rows, r, r)?,
+            MatRef::new(dy, 0, rows, out, out)?,
+            MatRef::new(&b, 0, out, r, r)?,
+            l.scale,
+            false,
+        )?;
+        let dropped = l.mask_seed.map(|seed| {
+            let mut xd = st.take(x.len());
+            crate::ops::dropout_mask_into(seed, l.dropout, &mut xd, |j, m| x[j] * m);
+            xd
+        });
+        if l.a.track_op() {
+            let mut da = vec![0f32; r * inp];
+            matmul_threaded(
+                &mut MatMut::new(&mut da, 0, r, inp, inp)?,
+                MatRef::new(&ddown, 0, rows, r, r)?.t(),
+                MatRef::new(dropped.as_deref().unwrap_or(x), 0, rows, inp, inp)?,
+                1.0,
+                false,
+            )?;
+            st.push_grad(&l.a, Tensor::from_vec(da, (r, inp), l.a.device())?)?;
+        }
+        match l.mask_seed {
+            None => matmul_threaded(
+                &mut MatMut::new(dx, 0, rows, inp, inp)?,
+                MatRef::new(&ddown, 0, rows, r, r)?,
+                MatRef::new(&a, 0, r, inp, inp)?,
+                1.0,
+                true,
+            )?,
+            Some(seed) => {
+                // ∂x += (∂down·A) ⊙ mask, through a scratch buffer.
+                let mut t = dropped.unwrap_or_else(|| st.take(x.len()));
+                matmul_threaded(
+                    &mut MatMut::new(&mut t, 0, rows, inp, inp)?,
+                    MatRef::new(&ddown, 0, rows, r, r)?,
+                    MatRef::new(&a, 0, r, inp, inp)?,
+                    1.0,
+                    false,
+                )?;
+                let mut scaled = st.take(x.len());
+                crate::ops::dropout_mask_into(seed, l.dropout, &mut scaled, |j, m| t[j] * m);
+                add_into(dx, &scaled);
+                st.give([t, scaled]);
+                st.give([ddown]);
+                return Ok(());
+            }
+        }
+        st.give(dropped);
+        st.give([ddown]);
+        Ok(())
     }
 
     /// Runs `f` with f32 views of every weight.
@@ -329,9 +506,12 @@ impl FusedDecoderLayer {
         self.with_weights(|w| {
             let mut n1 = st.take(x.len());
             rms_norm_rows(x, w.input_norm, eps, &mut n1);
-            let q = linear(&n1, w.q, hd, qw)?;
-            let k = linear(&n1, w.k, hd, kvw)?;
-            let v = linear(&n1, w.v, hd, kvw)?;
+            let mut q = linear(&n1, w.q, hd, qw)?;
+            let mut k = linear(&n1, w.k, hd, kvw)?;
+            let mut v = linear(&n1, w.v, hd, kvw)?;
+            let q_down = self.lora_forward(Q, &n1, &mut q, hd, qw)?;
+            let k_down = self.lora_forward(K, &n1, &mut k, hd, kvw)?;
+            let v_down = self.lora_forward(V, &n1, &mut v, hd, kvw)?;
             // The probabilities are kept for the backward pass while they stay modest.
             let mut probs = (self.attention.probs_len() <= SAVED_PROBS_MAX)
                 .then(|| st.take(self.attention.probs_len()));
@@ -339,15 +519,19 @@ impl FusedDecoderLayer {
                 .attention
                 .forward_f32(&q, &k, &v, probs.as_deref_mut())?;
             let mut h = linear(&attn, w.o, qw, hd)?;
+            let o_down = self.lora_forward(O, &attn, &mut h, qw, hd)?;
             add_into(&mut h, x);
             let mut n2 = st.take(x.len());
             rms_norm_rows(&h, w.post_norm, eps, &mut n2);
-            let gate = linear(&n2, w.gate, hd, inter)?;
-            let up = linear(&n2, w.up, hd, inter)?;
+            let mut gate = linear(&n2, w.gate, hd, inter)?;
+            let mut up = linear(&n2, w.up, hd, inter)?;
+            let gate_down = self.lora_forward(GATE, &n2, &mut gate, hd, inter)?;
+            let up_down = self.lora_forward(UP, &n2, &mut up, hd, inter)?;
             let mut act = st.take(gate.len());
             swiglu_slices(&gate, &up, &mut act);
             // The output leaves for candle's graph, so it is not taken from the pool.
             let mut y = linear_into(vec![0f32; rows * hd], &act, w.down, rows, inter, hd)?;
+            let down_down = self.lora_forward(DOWN, &act, &mut y, inter, hd)?;
             add_into(&mut y, &h);
             *self.lock_saved()? = Some(Saved {
                 n1,
@@ -361,6 +545,9 @@ impl FusedDecoderLayer {
                 up,
                 act,
                 probs,
+                lora_down: [
+                    q_down, k_down, v_down, o_down, gate_down, up_down, down_down,
+                ],
             });
             Ok(y)
         })
@@ -381,10 +568,12 @@ impl FusedDecoderLayer {
             }
             Ok(())
         };
+        let lora_down = |i: usize| s.lora_down[i].as_deref();
         let dx = self.with_weights(|w| {
             // MLP: y = h + down(swiglu(gate(n2), up(n2))), n2 = norm(h).
             let mut dact = st.take(rows * inter);
             linear_input_grad(&mut dact, dy, w.down, rows, inter, hd, false)?;
+            self.lora_backward(DOWN, &s.act, dy, lora_down(DOWN), &mut dact, (inter, hd))?;
             grad_for(&wt.down, dy, &s.act, inter, hd)?;
             let mut dgate = st.take(rows * inter);
             let mut dup = st.take(rows * inter);
@@ -392,6 +581,8 @@ impl FusedDecoderLayer {
             let mut dn2 = st.take(rows * hd);
             linear_input_grad(&mut dn2, &dgate, w.gate, rows, hd, inter, false)?;
             linear_input_grad(&mut dn2, &dup, w.up, rows, hd, inter, true)?;
+            self.lora_backward(GATE, &s.n2, &dgate, lora_down(GATE), &mut dn2, (hd, inter))?;
+            self.lora_backward(UP, &s.n2, &dup, lora_down(UP), &mut dn2, (hd, inter))?;
             grad_for(&wt.gate, &dgate, &s.n2, hd, inter)?;
             grad_for(&wt.up, &dup, &s.n2, hd, inter)?;
             let mut dh = st.take(rows * hd);
@@ -407,6 +598,7 @@ impl FusedDecoderLayer {
             // Attention: h = x + o(attention(q(n1), k(n1), v(n1))), n1 = norm(x).
             let mut dattn = st.take(rows * qw);
             linear_input_grad(&mut dattn, &dh, w.o, rows, qw, hd, false)?;
+            self.lora_backward(O, &s.attn, &dh, lora_down(O), &mut dattn, (qw, hd))?;
             grad_for(&wt.o, &dh, &s.attn, qw, hd)?;
             let (dq, dk, dv) =
                 self.attention
@@ -415,6 +607,9 @@ impl FusedDecoderLayer {
             linear_input_grad(&mut dn1, &dq, w.q, rows, hd, qw, false)?;
             linear_input_grad(&mut dn1, &dk, w.k, rows, hd, kvw, true)?;
             linear_input_grad(&mut dn1, &dv, w.v, rows, hd, kvw, true)?;
+            self.lora_backward(Q, &s.n1, &dq, lora_down(Q), &mut dn1, (hd, qw))?;
+            self.lora_backward(K, &s.n1, &dk, lora_down(K), &mut dn1, (hd, kvw))?;
+            self.lora_backward(V, &s.n1, &dv, lora_down(V), &mut dn1, (hd, kvw))?;
             grad_for(&wt.q, &dq, &s.n1, hd, qw)?;
             grad_for(&wt.k, &dk, &s.n1, hd, kvw)?;
             grad_for(&wt.v, &dv, &s.n1, hd, kvw)?;
@@ -443,31 +638,51 @@ impl FusedDecoderLayer {
             up,
             act,
             probs,
+            lora_down,
         } = s;
         st.give(
             [n1, q, k, v, attn, h, n2, gate, up, act]
                 .into_iter()
-                .chain(probs),
+                .chain(probs)
+                .chain(lora_down.into_iter().flatten()),
         );
         Ok(dx)
     }
 }
 
-impl CustomOp1 for FusedDecoderLayer {
+/// The op's inputs are the layer input and an "anchor": a tensor of the layer that needs a
+/// gradient (see [`LayerWeights::tracked`]), read by neither pass.
+impl CustomOp2 for FusedDecoderLayer {
     fn name(&self) -> &'static str {
         "kiln-decoder-layer"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+        _anchor: &CpuStorage,
+        _anchor_layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let x = contiguous_f32(storage, layout, self.name())?;
         let y = self.forward(x)?;
         Ok((CpuStorage::F32(y), layout.shape().clone()))
     }
 
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _anchor: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dx = with_cpu_f32(x, self.name(), |x| {
             with_cpu_f32(grad_res, self.name(), |dy| self.backward(x, dy))
         })?;
-        Ok(Some(Tensor::from_vec(dx, x.shape(), x.device())?))
+        let dx = x
+            .track_op()
+            .then(|| Tensor::from_vec(dx, x.shape(), x.device()))
+            .transpose()?;
+        Ok((dx, None))
     }
 }

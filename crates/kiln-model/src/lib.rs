@@ -15,10 +15,12 @@ pub mod init;
 pub mod kv_cache;
 pub mod linear;
 pub mod lora;
+pub mod lora_train;
 pub mod loss;
 pub mod ops;
 pub mod rope;
 pub mod sampling;
+pub mod save;
 pub mod transformer;
 
 #[cfg(test)]
@@ -89,6 +91,7 @@ pub use kv_cache::KvCache;
 pub use linear::{Linear, LinearWeight, LoraLayer};
 pub use lora::{LoraAdapter, LoraConfig, TargetModules};
 pub use sampling::{Sampler, SamplingParams};
+pub use save::{SavedModel, save_model_dir};
 pub use transformer::CausalLm;
 
 /// How to load a model.
@@ -97,7 +100,7 @@ pub struct LoadOptions {
     pub device: Device,
     /// Compute dtype; by default f32 on CPU, whatever the checkpoint was saved in.
     pub dtype: Option<DType>,
-    /// A PEFT LoRA adapter directory to apply.
+    /// A PEFT LoRA adapter directory to apply (its `modules_to_save` weights replace the base's).
     pub adapter: Option<PathBuf>,
     /// Fold the adapter into the base weights (faster inference) instead of applying it beside them.
     pub merge_adapter: bool,
@@ -135,21 +138,26 @@ impl LoadedModel {
             Device::Cpu => DType::F32,
             _ => config.dtype,
         });
-        let weights = SafetensorsWeights::open(&dir.weight_files()?)?;
-        let vb = weights.into_var_builder(dtype, &options.device);
-        let mut model = CausalLm::load(vb, &config)?;
-        let tokenizer = Tokenizer::from_dir(dir.root())?;
+        let mut weights = SafetensorsWeights::open(&dir.weight_files()?)?;
+        // The adapter's `modules_to_save` weights are base weights: they replace the
+        // checkpoint's before the model is built; its LoRA updates attach afterwards.
         let adapter = match &options.adapter {
             Some(path) => {
                 let adapter = LoraAdapter::load(path, dtype, &options.device)?;
-                adapter.apply(&mut model)?;
-                if options.merge_adapter {
-                    model.merge_lora()?;
-                }
+                adapter.overlay(&mut weights)?;
                 Some(adapter)
             }
             None => None,
         };
+        let vb = weights.into_var_builder(dtype, &options.device);
+        let mut model = CausalLm::load(vb, &config)?;
+        if let Some(adapter) = &adapter {
+            adapter.apply(&mut model)?;
+            if options.merge_adapter {
+                model.merge_lora()?;
+            }
+        }
+        let tokenizer = Tokenizer::from_dir(dir.root())?;
         Ok(Self {
             dir,
             config,

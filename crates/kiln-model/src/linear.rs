@@ -2,6 +2,9 @@
 //! adapter: quantization and LoRA are properties of the layer, so a model is never copied to be
 //! adapted or quantized, and the training and inference paths share every line.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -15,7 +18,11 @@ pub enum LinearWeight {
 }
 
 /// A LoRA update `scale · B·A` (Hu et al., 2021, <https://arxiv.org/abs/2106.09685>) applied
-/// beside the base weight: `y = W·x + scale · B·(A·x)`.
+/// beside the base weight: `y = W·x + scale · B·(A·dropout(x))`, as PEFT computes it.
+///
+/// Dropout applies only in training passes, which are those where the adapter's weights are
+/// trainable variables: an adapter loaded for inference, or the detached view an evaluation
+/// runs on, never drops anything.
 #[derive(Debug, Clone)]
 pub struct LoraLayer {
     /// `[r, in_features]`
@@ -24,6 +31,62 @@ pub struct LoraLayer {
     pub b: Tensor,
     /// `lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA.
     pub scale: f64,
+    /// PEFT's `lora_dropout`: the probability of zeroing an input of A in a training pass.
+    pub dropout: f32,
+    masks: DropoutStream,
+}
+
+/// Seeds of successive dropout masks: one per training pass, shared by the clones of a layer so
+/// that the fused and composed paths of one pass draw the same mask.
+#[derive(Debug, Clone, Default)]
+struct DropoutStream {
+    seed: u64,
+    passes: Arc<AtomicU64>,
+}
+
+impl LoraLayer {
+    /// An adapter without dropout.
+    pub fn new(a: Tensor, b: Tensor, scale: f64) -> Self {
+        Self {
+            a,
+            b,
+            scale,
+            dropout: 0.0,
+            masks: DropoutStream::default(),
+        }
+    }
+
+    /// Drops each input of A with probability `p` in training passes, masks drawn from `seed`.
+    pub fn with_dropout(mut self, p: f32, seed: u64) -> Self {
+        self.dropout = p;
+        self.masks = DropoutStream {
+            seed,
+            passes: Arc::new(AtomicU64::new(0)),
+        };
+        self
+    }
+
+    /// Whether this pass trains the adapter (its weights are variables of a graph).
+    pub fn is_training(&self) -> bool {
+        self.a.track_op() || self.b.track_op()
+    }
+
+    /// The seed of the next training pass's dropout mask, or `None` when nothing is dropped.
+    pub(crate) fn next_mask_seed(&self) -> Option<u64> {
+        (self.dropout > 0.0 && self.is_training()).then(|| {
+            let pass = self.masks.passes.fetch_add(1, Ordering::Relaxed);
+            crate::ops::mix64(self.masks.seed ^ crate::ops::mix64(pass))
+        })
+    }
+
+    /// The same adapter outside any graph (see [`Linear::detached`]).
+    fn detached(&self) -> Self {
+        Self {
+            a: self.a.detach(),
+            b: self.b.detach(),
+            ..self.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -93,11 +156,7 @@ impl Linear {
                 LinearWeight::Quantized(q) => LinearWeight::Quantized(q.clone()),
             },
             bias: self.bias.as_ref().map(Tensor::detach),
-            lora: self.lora.as_ref().map(|l| LoraLayer {
-                a: l.a.detach(),
-                b: l.b.detach(),
-                scale: l.scale,
-            }),
+            lora: self.lora.as_ref().map(LoraLayer::detached),
             ..*self
         }
     }
@@ -187,6 +246,15 @@ impl Linear {
             y = y.broadcast_add(b)?;
         }
         if let Some(lora) = &self.lora {
+            let x = match lora.next_mask_seed() {
+                Some(seed) => {
+                    let mask = crate::ops::dropout_mask(seed, x.elem_count(), lora.dropout);
+                    let mask =
+                        Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+                    (x * mask)?
+                }
+                None => x.clone(),
+            };
             let down = x.broadcast_matmul(&lora.a.t()?)?;
             let up = down.broadcast_matmul(&lora.b.t()?)?;
             y = (y + (up * lora.scale)?)?;
@@ -207,11 +275,11 @@ mod tests {
         let w = Tensor::randn(0f32, 1.0, (24, 16), &dev)?;
         let b = Tensor::randn(0f32, 1.0, 24, &dev)?;
         let mut layer = Linear::new(w.clone(), Some(b))?;
-        layer.set_lora(LoraLayer {
-            a: Tensor::randn(0f32, 1.0, (4, 16), &dev)?,
-            b: Tensor::randn(0f32, 1.0, (24, 4), &dev)?,
-            scale: 2.0,
-        })?;
+        layer.set_lora(LoraLayer::new(
+            Tensor::randn(0f32, 1.0, (4, 16), &dev)?,
+            Tensor::randn(0f32, 1.0, (24, 4), &dev)?,
+            2.0,
+        ))?;
         let x = Tensor::randn(0f32, 1.0, (2, 3, 16), &dev)?;
         let unmerged = layer.forward(&x)?;
         layer.merge_lora()?;
@@ -228,11 +296,11 @@ mod tests {
         let dev = Device::Cpu;
         let mut layer = Linear::new(Tensor::zeros((24, 16), DType::F32, &dev)?, None)?;
         let err = layer
-            .set_lora(LoraLayer {
-                a: Tensor::zeros((4, 8), DType::F32, &dev)?,
-                b: Tensor::zeros((24, 4), DType::F32, &dev)?,
-                scale: 1.0,
-            })
+            .set_lora(LoraLayer::new(
+                Tensor::zeros((4, 8), DType::F32, &dev)?,
+                Tensor::zeros((24, 4), DType::F32, &dev)?,
+                1.0,
+            ))
             .unwrap_err();
         assert!(err.to_string().contains("[4, 8]"), "{err}");
         Ok(())

@@ -371,9 +371,14 @@ impl CustomOp2 for RmsNorm {
             let dw = rms_norm_backward_rows(x, w, self.eps, g, &mut dx);
             Ok((dx, dw))
         })?;
+        // A frozen input (the norm weight of a LoRA run) gets no gradient to store.
         Ok((
-            Some(Tensor::from_vec(dx, x.shape(), x.device())?),
-            Some(Tensor::from_vec(dw, w.shape(), w.device())?),
+            x.track_op()
+                .then(|| Tensor::from_vec(dx, x.shape(), x.device()))
+                .transpose()?,
+            w.track_op()
+                .then(|| Tensor::from_vec(dw, w.shape(), w.device()))
+                .transpose()?,
         ))
     }
 }
@@ -490,6 +495,44 @@ pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     } else {
         gate.silu()? * up
     }
+}
+
+/// SplitMix64's finaliser: a bijective 64-bit mix, the hash behind dropout masks.
+pub fn mix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Element `i` of the dropout mask `seed` draws for drop probability `p`: `0` for a dropped
+/// element, `1 / (1 − p)` for a kept one (inverted dropout, as `torch.nn.Dropout` scales).
+/// A pure function of `(seed, i)`, so a backward pass regenerates the forward pass's mask
+/// instead of storing it, and any thread order gives the same mask.
+#[inline]
+pub fn dropout_keep_scale(seed: u64, i: usize, p: f32) -> f32 {
+    let u = (mix64(seed ^ mix64(i as u64)) >> 40) as f32 / (1u64 << 24) as f32;
+    if u < p { 0.0 } else { 1.0 / (1.0 - p) }
+}
+
+/// The whole mask of [`dropout_keep_scale`] for `len` elements.
+pub fn dropout_mask(seed: u64, len: usize, p: f32) -> Vec<f32> {
+    let mut mask = vec![0f32; len];
+    dropout_mask_into(seed, p, &mut mask, |_, m| m);
+    mask
+}
+
+/// `out[i] = f(i, mask[i])` for the mask of [`dropout_keep_scale`], in parallel.
+pub fn dropout_mask_into(seed: u64, p: f32, out: &mut [f32], f: impl Fn(usize, f32) -> f32 + Sync) {
+    const CHUNK: usize = 1 << 14;
+    out.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            for (j, o) in chunk.iter_mut().enumerate() {
+                let i = c * CHUNK + j;
+                *o = f(i, dropout_keep_scale(seed, i, p));
+            }
+        });
 }
 
 #[cfg(test)]
@@ -628,5 +671,23 @@ mod tests {
         assert_eq!(fast_exp(0.0), 1.0);
         assert!(fast_exp(-1000.0) < 1e-37 && fast_exp(-1000.0) >= 0.0);
         assert!(fast_exp(1000.0).is_finite());
+    }
+
+    #[test]
+    fn dropout_mask_drops_about_p_and_rescales() {
+        let mask = dropout_mask(7, 100_000, 0.25);
+        let dropped = mask.iter().filter(|&&m| m == 0.0).count() as f64 / mask.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
+        assert!(
+            mask.iter()
+                .all(|&m| m == 0.0 || (m - 1.0 / 0.75).abs() < 1e-6)
+        );
+        assert_eq!(
+            mask,
+            dropout_mask(7, 100_000, 0.25),
+            "a seed gives one mask"
+        );
+        assert_ne!(mask, dropout_mask(8, 100_000, 0.25));
+        assert!(dropout_mask(7, 1000, 0.0).iter().all(|&m| m == 1.0));
     }
 }

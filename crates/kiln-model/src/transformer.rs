@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 use kiln_core::ModelConfig;
 
 use crate::attention::CausalSelfAttention;
-use crate::fused_layer::{FusedDecoderLayer, FusedState, LayerWeights};
+use crate::fused_layer::{FusedDecoderLayer, FusedLora, FusedState, LayerWeights};
 use crate::kv_cache::KvCache;
 use crate::linear::Linear;
 use crate::linear::LinearWeight;
@@ -218,8 +218,8 @@ impl DecoderLayer {
         ctx: &LayerContext,
         cache: Option<(&mut KvCache, usize)>,
     ) -> Result<Tensor> {
-        if let (Some(attention), Some(state), None, true) =
-            (ctx.fused, ctx.fused_state, &cache, x.track_op())
+        if let (Some(attention), Some(state), None) = (ctx.fused, ctx.fused_state, &cache)
+            && (x.track_op() || self.has_trainable())
             && let Some(weights) = self.fusable_weights()
         {
             return FusedDecoderLayer::new(weights, attention.clone(), state.clone())?.apply(x);
@@ -253,19 +253,52 @@ impl DecoderLayer {
         }
     }
 
+    fn linears(&self) -> [&Linear; 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ]
+    }
+
+    /// Whether any weight of the layer (adapters included) is being trained.
+    fn has_trainable(&self) -> bool {
+        let norms = [
+            &self.input_layernorm.weight,
+            &self.post_attention_layernorm.weight,
+        ];
+        norms.iter().any(|w| w.track_op())
+            || self.linears().iter().any(|l| {
+                matches!(l.weight(), LinearWeight::Dense(w) if w.track_op())
+                    || l.lora().is_some_and(|a| a.is_training())
+            })
+    }
+
     /// The weights, when the whole layer can run as one fused training op: dense f32 linears
-    /// without bias or adapter.
+    /// without bias, with or without f32 LoRA adapters. Draws this pass's dropout masks.
     fn fusable_weights(&self) -> Option<LayerWeights> {
-        let dense = |l: &Linear| match (l.weight(), l.bias(), l.lora()) {
-            (LinearWeight::Dense(w), None, None) if w.dtype() == DType::F32 => Some(w.clone()),
+        let dense = |l: &Linear| match (l.weight(), l.bias()) {
+            (LinearWeight::Dense(w), None) if w.dtype() == DType::F32 => Some(w.clone()),
             _ => None,
         };
+        let linears = self.linears();
+        if linears.iter().any(|l| {
+            l.lora()
+                .is_some_and(|a| a.a.dtype() != DType::F32 || a.b.dtype() != DType::F32)
+        }) {
+            return None;
+        }
         let (attn, mlp) = (&self.self_attn, &self.mlp);
         let eps = self.input_layernorm.eps;
         if eps != self.post_attention_layernorm.eps {
             return None;
         }
-        Some(LayerWeights {
+        let weights = LayerWeights {
             input_norm: self.input_layernorm.weight.clone(),
             q: dense(&attn.q_proj)?,
             k: dense(&attn.k_proj)?,
@@ -276,7 +309,17 @@ impl DecoderLayer {
             up: dense(&mlp.up_proj)?,
             down: dense(&mlp.down_proj)?,
             eps: eps as f32,
-        })
+            lora: linears.map(|l| {
+                l.lora().map(|a| FusedLora {
+                    a: a.a.clone(),
+                    b: a.b.clone(),
+                    scale: a.scale as f32,
+                    dropout: a.dropout,
+                    mask_seed: a.next_mask_seed(),
+                })
+            }),
+        };
+        Some(weights)
     }
 
     fn linears_mut(&mut self) -> [(&'static str, &mut Linear); 7] {
@@ -536,6 +579,64 @@ impl CausalLm {
             out.push(("lm_head".to_string(), &mut self.lm_head));
         }
         out
+    }
+
+    /// Every linear layer with its module path, as [`CausalLm::linears_mut`] lists them.
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::with_capacity(self.layers.len() * 7 + 1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (a, m) = (&layer.self_attn, &layer.mlp);
+            for (name, linear) in [
+                ("self_attn.q_proj", &a.q_proj),
+                ("self_attn.k_proj", &a.k_proj),
+                ("self_attn.v_proj", &a.v_proj),
+                ("self_attn.o_proj", &a.o_proj),
+                ("mlp.gate_proj", &m.gate_proj),
+                ("mlp.up_proj", &m.up_proj),
+                ("mlp.down_proj", &m.down_proj),
+            ] {
+                out.push((format!("model.layers.{i}.{name}"), linear));
+            }
+        }
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head".to_string(), &self.lm_head));
+        }
+        out
+    }
+
+    /// The model's weights under their Hugging Face names (`model.embed_tokens.weight`,
+    /// `model.layers.0.self_attn.q_proj.weight`, …), as `model.safetensors` stores them: dense
+    /// weights only (an attached LoRA update is not included; merge it first to save a merged
+    /// model). A tied LM head is not listed. Quantized layers are an error.
+    pub fn state_dict(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.clone(),
+        )];
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                layer.input_layernorm.weight.clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight.clone()));
+        for (path, linear) in self.linears() {
+            match linear.weight() {
+                LinearWeight::Dense(w) => out.push((format!("{path}.weight"), w.clone())),
+                LinearWeight::Quantized(_) => candle_core::bail!(
+                    "`{path}` is quantized: a quantized model has no dense state dict"
+                ),
+            }
+            if let Some(b) = linear.bias() {
+                out.push((format!("{path}.bias"), b.clone()));
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
     }
 
     /// Folds every attached LoRA update into its base weight.

@@ -35,6 +35,17 @@ fn loss_value(model: &CausalLm, ids: &Tensor) -> Result<f32> {
     next_token_loss(&model.forward(ids, None)?, ids)?.to_scalar::<f32>()
 }
 
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
 fn abs_sum(t: &Tensor) -> Result<f32> {
     t.abs()?.sum_all()?.to_scalar::<f32>()
 }
@@ -299,11 +310,11 @@ fn lora_on_a_frozen_model_trains_a_and_b_only() {
     for (name, linear) in model.linears_mut() {
         if name == target {
             linear
-                .set_lora(LoraLayer {
-                    a: a.as_tensor().clone(),
-                    b: b.as_tensor().clone(),
-                    scale: 2.0,
-                })
+                .set_lora(LoraLayer::new(
+                    a.as_tensor().clone(),
+                    b.as_tensor().clone(),
+                    2.0,
+                ))
                 .unwrap();
             if let LinearWeight::Dense(w) = linear.weight() {
                 base_weight = Some(w.clone());
@@ -336,4 +347,123 @@ fn lora_on_a_frozen_model_trains_a_and_b_only() {
         .collect();
     assert_gradient_is_the_slope(&vars, &g, || loss_value(&model, &ids), 1e-2, "LoRA A and B")
         .unwrap();
+}
+
+/// A fresh all-linear adapter (rank 4, dropout 0.1) on the frozen fixture, with B moved off
+/// zero so that A's gradient is not zero either.
+fn frozen_with_trainable_lora() -> (CausalLm, Vec<kiln_model::lora_train::LoraVar>) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter_config.json");
+    std::fs::write(
+        &path,
+        r#"{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "lora_dropout": 0.1,
+            "target_modules": "all-linear"}"#,
+    )
+    .unwrap();
+    let config = kiln_model::LoraConfig::from_file(&path).unwrap();
+    let mut model = load(&llama_dir()).model;
+    let vars = kiln_model::lora_train::attach_trainable_lora(&mut model, &config, 3).unwrap();
+    for (i, v) in vars.iter().enumerate() {
+        if v.name.ends_with("lora_B.weight") {
+            let (rows, cols) = v.var.dims2().unwrap();
+            v.var.set(&filled(rows, cols, 0.05, i as f32)).unwrap();
+        }
+    }
+    (model, vars)
+}
+
+/// With adapters on every linear and dropout on, the fused layer op and the composed layers
+/// give the same loss and the same adapter gradients (the same masks are drawn on both paths),
+/// and no frozen weight gets a gradient.
+#[test]
+fn lora_trains_the_same_through_fused_and_composed_layers() {
+    let ids = batch();
+    let (fused_model, fused_vars) = frozen_with_trainable_lora();
+    let (mut composed_model, composed_vars) = frozen_with_trainable_lora();
+    composed_model.set_fused_layers(false);
+    assert_eq!(
+        fused_vars.len(),
+        2 * 7 * 2,
+        "A and B on 7 linears of 2 layers"
+    );
+    for _ in 0..2 {
+        // Twice: the second pass draws new dropout masks, on both paths alike.
+        let loss = next_token_loss(&fused_model.forward(&ids, None).unwrap(), &ids).unwrap();
+        let fused = fused_model.backward(&loss).unwrap();
+        let loss_ref = next_token_loss(&composed_model.forward(&ids, None).unwrap(), &ids).unwrap();
+        let composed = composed_model.backward(&loss_ref).unwrap();
+        let (a, b) = (
+            loss.to_scalar::<f32>().unwrap(),
+            loss_ref.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
+        for (name, weight) in fused_model.state_dict().unwrap() {
+            assert!(fused.get(&weight).is_none(), "frozen {name} got a gradient");
+        }
+        for (fv, cv) in fused_vars.iter().zip(&composed_vars) {
+            let x = fused.get(fv.var.as_tensor()).expect("fused gradient");
+            let y = composed.get(cv.var.as_tensor()).expect("composed gradient");
+            let scale = y
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = max_diff(x, y);
+            assert!(scale > 0.0, "{}: zero gradient", fv.name);
+            assert!(
+                diff <= 1e-4 * scale.max(1e-3),
+                "{}: fused and composed gradients differ by {diff} (scale {scale})",
+                fv.name
+            );
+        }
+    }
+}
+
+/// Without dropout, a fresh PEFT-initialised adapter leaves the model's output unchanged (B is
+/// zero) and A is uniform on ±1/√in.
+#[test]
+fn fresh_adapters_start_as_the_identity() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("adapter_config.json");
+    std::fs::write(
+        &path,
+        r#"{"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}"#,
+    )
+    .unwrap();
+    let config = kiln_model::LoraConfig::from_file(&path).unwrap();
+    let base = load(&llama_dir()).model;
+    let mut adapted = base.clone();
+    let vars = kiln_model::lora_train::attach_trainable_lora(&mut adapted, &config, 0).unwrap();
+    assert_eq!(vars.len(), 2 * 2 * 2);
+    let ids = batch();
+    let (x, y) = (
+        base.forward(&ids, None).unwrap(),
+        adapted.detached().forward(&ids, None).unwrap(),
+    );
+    assert_eq!(max_diff(&x, &y), 0.0, "B = 0 adds exactly nothing");
+    for v in &vars {
+        let values: Vec<f32> = v.var.flatten_all().unwrap().to_vec1().unwrap();
+        if v.name.ends_with("lora_A.weight") {
+            let bound = 1.0 / 64f32.sqrt();
+            assert!(values.iter().all(|x| x.abs() <= bound));
+            assert!(values.iter().any(|x| x.abs() > 0.5 * bound));
+        } else {
+            assert!(values.iter().all(|&x| x == 0.0));
+        }
+    }
+    let err = {
+        std::fs::write(
+            &path,
+            r#"{"peft_type": "LORA", "r": 8, "target_modules": ["q_prj"]}"#,
+        )
+        .unwrap();
+        let config = kiln_model::LoraConfig::from_file(&path).unwrap();
+        let mut m = base.clone();
+        kiln_model::lora_train::attach_trainable_lora(&mut m, &config, 0)
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err.contains("`q_prj`") && err.contains("q_proj"), "{err}");
 }
