@@ -3,8 +3,9 @@
 //! time and headline metric, the loss curve, and samples.
 //!
 //! Stages today: `synth` (the world's data), `pretrain` (a Llama from scratch on its corpus),
-//! `sample` (greedy completions, scored against the world's facts). Later stages (SFT, DPO, PPO,
-//! quantization, serving) add themselves to [`run`].
+//! `sample` (greedy completions, scored against the world's facts), `sft` (a LoRA adapter
+//! trained on the world's conversations, with held-out task pass rates before and after).
+//! Later stages (DPO, PPO, quantization, serving) add themselves to [`run`].
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -13,9 +14,10 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use kiln_data::{SynthOptions, World, write_world};
+use kiln_data::{SynthOptions, Task, World, eval_file, read_eval, write_world};
 use kiln_model::{GenerateParams, LoadOptions, LoadedModel, SamplingParams, generate};
 use kiln_train::pretrain::{PretrainConfig, pretrain};
+use kiln_train::sft::{SftConfig, sft};
 use serde::Serialize;
 
 #[derive(Args, Debug)]
@@ -45,6 +47,49 @@ struct Report {
     seed: u64,
     stages: Vec<StageReport>,
     samples: Vec<Sample>,
+    /// Held-out pass rates per task before and after SFT.
+    sft_tasks: Vec<TaskRow>,
+}
+
+#[derive(Debug, Serialize)]
+struct TaskRow {
+    task: Task,
+    before: f64,
+    after: f64,
+    examples: usize,
+}
+
+/// Pass rates of the tasks before and after a stage.
+struct TaskComparison {
+    rows: Vec<TaskRow>,
+    /// Means over the tasks that have a checkable answer.
+    mean_before: f64,
+    mean_after: f64,
+}
+
+impl TaskComparison {
+    fn new(before: &[(Task, usize, usize)], after: &[(Task, usize, usize)]) -> Self {
+        let rate = |p: usize, n: usize| p as f64 / n.max(1) as f64;
+        let rows: Vec<TaskRow> = before
+            .iter()
+            .zip(after)
+            .map(|(&(task, pb, n), &(_, pa, _))| TaskRow {
+                task,
+                before: rate(pb, n),
+                after: rate(pa, n),
+                examples: n,
+            })
+            .collect();
+        let answered: Vec<&TaskRow> = rows.iter().filter(|r| r.task.has_answer()).collect();
+        let mean = |f: fn(&TaskRow) -> f64| {
+            answered.iter().map(|r| f(r)).sum::<f64>() / answered.len().max(1) as f64
+        };
+        Self {
+            mean_before: mean(|r| r.before),
+            mean_after: mean(|r| r.after),
+            rows,
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -58,7 +103,7 @@ struct Sample {
 pub fn run(args: LifecycleArgs) -> Result<()> {
     let out = &args.out;
     // Every run starts from a clean world and model; only kiln's own subdirectories are removed.
-    for sub in ["data", "model"] {
+    for sub in ["data", "model", "sft"] {
         let p = out.join(sub);
         if p.exists() {
             std::fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
@@ -83,7 +128,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             synth.rows("preference/train.jsonl").unwrap_or(0)
         ),
     });
-    eprintln!("[1/3] synth     {}", stages[0].headline);
+    eprintln!("[1/4] synth     {}", stages[0].headline);
 
     // 2. Pre-training from scratch on the world's corpus.
     let t = Instant::now();
@@ -106,7 +151,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             summary.tokens_per_second
         ),
     });
-    eprintln!("[2/3] pretrain  {}", stages[1].headline);
+    eprintln!("[2/4] pretrain  {}", stages[1].headline);
 
     // 3. Samples, scored against the world: does the model complete "X lives in" with X's town?
     let t = Instant::now();
@@ -123,13 +168,44 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             100.0 * correct as f64 / samples.len().max(1) as f64
         ),
     });
-    eprintln!("[3/3] sample    {}", stages[2].headline);
+    eprintln!("[3/4] sample    {}", stages[2].headline);
+
+    // 4. LoRA fine-tuning on the world's conversations, scored on held-out tasks before and after.
+    let t = Instant::now();
+    let sft_dir = out.join("sft");
+    let before = task_scores(&model_dir, None, &data_dir, &world)?;
+    let cfg = sft_config(&data_dir, &model_dir, &sft_dir, args.quick, args.seed)?;
+    let sft_summary = sft(&cfg, std::io::stderr().is_terminal()).context("stage sft")?;
+    let after = task_scores(&model_dir, Some(&sft_dir), &data_dir, &world)?;
+    let tasks = TaskComparison::new(&before, &after);
+    stages.push(StageReport {
+        stage: "sft",
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline: format!(
+            "LoRA {} of {} params, {} steps, {:.2} s/step; held-out answer tasks {:.0}% → {:.0}% ({})",
+            sft_summary.trainable_parameters,
+            sft_summary.total_parameters,
+            sft_summary.steps,
+            sft_summary.seconds_per_step,
+            100.0 * tasks.mean_before,
+            100.0 * tasks.mean_after,
+            tasks
+                .rows
+                .iter()
+                .filter(|r| r.task.has_answer())
+                .map(|r| format!("{} {:.0}→{:.0}%", r.task, 100.0 * r.before, 100.0 * r.after))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    });
+    eprintln!("[4/4] sft       {}", stages[3].headline);
 
     let report = Report {
         quick: args.quick,
         seed: args.seed,
         stages,
         samples,
+        sft_tasks: tasks.rows,
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -159,6 +235,75 @@ fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<
     let path = out.with_extension("yaml");
     std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
     Ok(PretrainConfig::load(&path, &[])?)
+}
+
+fn sft_config(
+    data_dir: &Path,
+    model_dir: &Path,
+    out: &Path,
+    quick: bool,
+    seed: u64,
+) -> Result<SftConfig> {
+    // The tutorial's shape: an adapter on every linear layer, 8-bit AdamW.
+    let (steps, batch) = if quick { (120, 8) } else { (400, 8) };
+    let yaml = format!(
+        "model_id: {}\ndataset_path: {}\npeft_config:\n  r: 16\n  lora_alpha: 32\n  \
+         lora_dropout: 0.05\n  target_modules: all-linear\ntraining_args:\n  output_dir: {}\n  \
+         per_device_train_batch_size: {batch}\n  gradient_accumulation_steps: 1\n  \
+         max_steps: {steps}\n  learning_rate: 3.0e-3\n  lr_scheduler_type: cosine\n  \
+         warmup_ratio: 0.05\n  optim: paged_adamw_8bit\n  logging_steps: 10\n  \
+         save_steps: {steps}\n  max_length: 192\n  seed: {seed}\n",
+        model_dir.display(),
+        data_dir.join("sft/train.jsonl").display(),
+        out.display(),
+    );
+    let path = out.with_extension("yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(SftConfig::load(&path, &[])?)
+}
+
+/// Greedy replies to every held-out prompt of every task, rendered as the SFT data is (system
+/// prompt, user turn, the chat template's generation prompt) and scored by the world's rules:
+/// `(task, passed, examples)` per task.
+fn task_scores(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    data_dir: &Path,
+    world: &World,
+) -> Result<Vec<(Task, usize, usize)>> {
+    let options = LoadOptions {
+        adapter: adapter.map(Path::to_path_buf),
+        merge_adapter: true,
+        ..LoadOptions::default()
+    };
+    let m = LoadedModel::load(model_dir.to_str().unwrap_or_default(), &options)?;
+    let params = GenerateParams {
+        max_new_tokens: 24,
+        sampling: SamplingParams::greedy(),
+        eos_token_ids: m.eos_token_ids(),
+        ..GenerateParams::default()
+    };
+    let system = world.system_prompt();
+    let mut out = Vec::new();
+    for task in Task::ALL {
+        let examples = read_eval(&data_dir.join(eval_file(task)))?;
+        let mut passed = 0;
+        for example in &examples {
+            let messages = serde_json::json!([
+                {"role": "system", "content": system},
+                {"role": "user", "content": example.prompt},
+            ]);
+            let text = m.tokenizer.apply_chat_template(&messages, true)?;
+            let ids = m.tokenizer.encode(&text, false)?;
+            let generation = generate(&m.model, &ids, &params, |_| {})?;
+            let reply = m.tokenizer.decode(&generation.token_ids, true)?;
+            if kiln_data::rules::passes(task, &kiln_data::score(task, example, &reply, world)) {
+                passed += 1;
+            }
+        }
+        out.push((task, passed, examples.len()));
+    }
+    Ok(out)
 }
 
 fn fact_samples(model_dir: &Path, world: &World) -> Result<Vec<Sample>> {
@@ -236,6 +381,23 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
             s.completion.replace('|', "\\|").replace('\n', " "),
             s.expected,
             if s.correct { "✓" } else { "✗" }
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n## Supervised fine-tuning (LoRA)\n\n![loss curve](sft/loss_curve.png)\n\n\
+         Held-out pass rates before and after, greedy replies scored by the world's rules \
+         (adapter: `sft/`):\n"
+    );
+    md.push_str("| task | before | after | examples |\n|---|---|---|---|\n");
+    for r in &report.sft_tasks {
+        let _ = writeln!(
+            md,
+            "| {} | {:.0}% | {:.0}% | {} |",
+            r.task,
+            100.0 * r.before,
+            100.0 * r.after,
+            r.examples
         );
     }
     let md_path = out.join("report.md");

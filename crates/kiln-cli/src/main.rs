@@ -6,8 +6,10 @@ mod eval;
 mod generate;
 mod info;
 mod lifecycle;
+mod merge;
 mod model_args;
 mod pretrain;
+mod sft;
 
 use std::process::ExitCode;
 
@@ -51,8 +53,12 @@ enum Command {
     Eval(eval::EvalCommand),
     /// Describe a model: architecture, parameters, dtype, context length.
     Info(info::InfoArgs),
+    /// Merge a LoRA adapter into its base model and save a plain model directory.
+    Merge(merge::MergeArgs),
     /// Pre-train a Llama from scratch on a text corpus.
     Pretrain(pretrain::PretrainArgs),
+    /// Supervised fine-tuning with LoRA (PEFT-compatible adapters) or in full, from TRL-style YAML.
+    Sft(sft::SftArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,7 +71,9 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Info(args) => info::run(args),
+        Command::Merge(args) => merge::run(args),
         Command::Pretrain(args) => pretrain::run(args),
+        Command::Sft(args) => sft::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,9 @@
 //!
 //! The pieces follow PyTorch and Hugging Face semantics exactly, because users compare loss
 //! curves across frameworks and carry hyper-parameters over: [`AdamW`] is `torch.optim.AdamW`
-//! (decoupled weight decay, bias correction, `eps` outside the square root), [`LrSchedule`] is
+//! (decoupled weight decay, bias correction, `eps` outside the square root), [`AdamW8bit`] is
+//! bitsandbytes' block-wise 8-bit AdamW (`optim: adamw_8bit` / `paged_adamw_8bit`), [`Sgd`] is
+//! `torch.optim.SGD`, and [`Optimizer`] picks one by its HF `optim` name; [`LrSchedule`] is
 //! `transformers.get_scheduler` (the first update of a warmup runs at learning rate 0, as it does
 //! there), [`clip_grad_norm`] is `torch.nn.utils.clip_grad_norm_`. Gradient accumulation sums
 //! per-micro-batch gradients of a loss normalised by the tokens of the whole accumulation window,
@@ -15,11 +17,17 @@ pub mod corpus;
 pub mod grads;
 pub mod metrics;
 pub mod optim;
+pub mod optim8bit;
+pub mod optimizer;
 pub mod pretrain;
 pub mod schedule;
+pub mod sft;
+pub mod sft_data;
 pub mod yaml;
 
 pub use checkpoint::{Checkpoint, TrainerState};
 pub use grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-pub use optim::{AdamW, AdamWConfig, NamedVar};
+pub use optim::{AdamW, AdamWConfig, NamedVar, Sgd, SgdConfig};
+pub use optim8bit::AdamW8bit;
+pub use optimizer::Optimizer;
 pub use schedule::{LrSchedule, ScheduleKind};

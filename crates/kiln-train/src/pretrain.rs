@@ -22,6 +22,7 @@ use crate::corpus::{self, TokenBlocks};
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
 use crate::metrics::{MetricsLog, MetricsRecord, plot_loss, read_metrics};
 use crate::optim::{AdamW, AdamWConfig, NamedVar};
+use crate::optimizer::Optimizer;
 use crate::schedule::{LrSchedule, ScheduleKind};
 
 macro_rules! defaults {
@@ -371,7 +372,7 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
         warmup_steps: warmup,
         total_steps: cfg.max_steps,
     };
-    let mut opt = AdamW::new(
+    let mut opt = Optimizer::AdamW(AdamW::new(
         params.clone(),
         AdamWConfig {
             lr: cfg.learning_rate,
@@ -380,7 +381,7 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
             eps: cfg.adam_epsilon,
             weight_decay: cfg.weight_decay,
         },
-    );
+    ));
     let mut state = TrainerState {
         seed: cfg.seed,
         ..TrainerState::default()
@@ -547,7 +548,7 @@ fn save_model_dir(model_cfg: &ModelConfig, varmap: &VarMap, out: &Path) -> Resul
         .map_err(|e| Error::InvalidInput(format!("{}: cannot write: {e}", weights.display())))
 }
 
-fn progress_bar(total: u64, position: u64, visible: bool) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(total: u64, position: u64, visible: bool) -> indicatif::ProgressBar {
     if !visible {
         return indicatif::ProgressBar::hidden();
     }
@@ -562,7 +563,7 @@ fn progress_bar(total: u64, position: u64, visible: bool) -> indicatif::Progress
 }
 
 /// Training loss and throughput since the last log line.
-struct LogWindow {
+pub(crate) struct LogWindow {
     loss_sum: f64,
     steps: u64,
     tokens: u64,
@@ -570,7 +571,7 @@ struct LogWindow {
 }
 
 impl LogWindow {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             loss_sum: 0.0,
             steps: 0,
@@ -579,13 +580,13 @@ impl LogWindow {
         }
     }
 
-    fn add(&mut self, loss: f64, tokens: u64) {
+    pub(crate) fn add(&mut self, loss: f64, tokens: u64) {
         self.loss_sum += loss;
         self.steps += 1;
         self.tokens += tokens;
     }
 
-    fn record(
+    pub(crate) fn record(
         &mut self,
         step: u64,
         lr: f64,
