@@ -12,6 +12,13 @@
 //! Checkpoints are written to a temporary directory and renamed into place, so a crash never
 //! leaves a checkpoint that loads wrong.
 
+/// Serde default functions: `name: Type = value;` becomes `fn name() -> Type { value }`.
+macro_rules! defaults {
+    ($($name:ident: $ty:ty = $value:expr;)*) => {
+        $(fn $name() -> $ty { $value })*
+    };
+}
+
 pub mod checkpoint;
 pub mod corpus;
 pub mod grads;
@@ -20,6 +27,7 @@ pub mod optim;
 pub mod optim8bit;
 pub mod optimizer;
 pub mod pretrain;
+mod run;
 pub mod schedule;
 pub mod sft;
 pub mod sft_data;

@@ -20,16 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, TrainerState};
 use crate::corpus::{self, TokenBlocks};
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-use crate::metrics::{MetricsLog, MetricsRecord, plot_loss, read_metrics};
 use crate::optim::{AdamW, AdamWConfig, NamedVar};
 use crate::optimizer::Optimizer;
+use crate::run::{RunLog, io_err, prepare_output_dir, write_results};
 use crate::schedule::{LrSchedule, ScheduleKind};
-
-macro_rules! defaults {
-    ($($name:ident: $ty:ty = $value:expr;)*) => {
-        $(fn $name() -> $ty { $value })*
-    };
-}
 
 defaults! {
     d_vocab: usize = 2048;
@@ -251,32 +245,19 @@ pub struct PretrainSummary {
     pub loss_curve: Option<PathBuf>,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// Runs pre-training. `show_progress` draws a progress bar on stderr.
 pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSummary> {
     let started = Instant::now();
     cfg.validate()?;
     let out = &cfg.output_dir;
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let resume_from =
+        prepare_output_dir(out, cfg.resume_from_checkpoint, "resume_from_checkpoint")?;
     let probe = out.join(".kiln-write-test");
     std::fs::write(&probe, b"ok")
         .and_then(|()| std::fs::remove_file(&probe))
         .map_err(|e| {
             Error::InvalidInput(format!("output_dir {} is not writable: {e}", out.display()))
         })?;
-    let resume_from = Checkpoint::latest(out)?;
-    if resume_from.is_some() && !cfg.resume_from_checkpoint {
-        return Err(Error::InvalidInput(format!(
-            "output_dir {} already holds checkpoints: set resume_from_checkpoint: true to continue that run, or choose another output_dir",
-            out.display()
-        )));
-    }
     let files = corpus::corpus_files(&cfg.dataset_path)?;
 
     // Tokenizer: the resumed run's own, a given one, or a freshly trained one.
@@ -395,16 +376,15 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
         );
     }
 
-    let metrics_path = out.join("metrics.jsonl");
-    if resume_from.is_none() && metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(io_err(&metrics_path))?;
-    }
-    let mut log = MetricsLog::open(&metrics_path)?;
-    let bar = progress_bar(cfg.max_steps, state.global_step, show_progress);
+    let mut run_log = RunLog::open(
+        out,
+        resume_from.is_some(),
+        (state.global_step, cfg.max_steps),
+        cfg.logging_steps,
+        show_progress,
+    )?;
     let tokens_per_step =
         (cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * cfg.max_length) as u64;
-    let mut window = LogWindow::new();
-    let mut last_eval = None;
     let mut tokens_trained = 0u64;
 
     while state.global_step < cfg.max_steps {
@@ -432,42 +412,28 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
         opt.step(&grads)?;
         state.global_step += 1;
         tokens_trained += tokens_per_step;
-        window.add(step_loss, tokens_per_step);
 
         let step = state.global_step;
         let eval_now = step.is_multiple_of(cfg.eval_steps) || step == cfg.max_steps;
         let eval_loss = if eval_now && !eval_blocks.is_empty() {
-            let l = evaluate(&eval_model, &mut eval_blocks, cfg)?;
-            last_eval = Some(l);
-            Some(l)
+            Some(evaluate(&eval_model, &mut eval_blocks, cfg)?)
         } else {
             None
         };
-        if step.is_multiple_of(cfg.logging_steps) || eval_loss.is_some() || step == cfg.max_steps {
-            let record = window.record(step, lr, grad_norm, eval_loss);
-            bar.set_message(format!(
-                "loss {:.4} · lr {lr:.2e} · {:.0} tok/s{}",
-                record.loss.unwrap_or(f64::NAN),
-                record.tokens_per_second.unwrap_or(0.0),
-                last_eval
-                    .map(|l| format!(" · eval {l:.4}"))
-                    .unwrap_or_default()
-            ));
-            log.write(&record)?;
-        }
+        run_log.step(
+            step,
+            (step_loss, tokens_per_step),
+            (lr, grad_norm),
+            eval_loss,
+        )?;
         if step.is_multiple_of(cfg.save_steps) && step < cfg.max_steps {
             Checkpoint::save(out, &params, &opt, &state)?;
         }
-        bar.set_position(step);
     }
-    bar.finish_and_clear();
+    let last_eval = run_log.last_eval();
 
     save_model_dir(&model_cfg, &varmap, out)?;
-    let records = read_metrics(&metrics_path)?;
-    let curve = out.join("loss_curve.png");
-    let loss_curve = plot_loss(&records, "kiln pretrain", &curve)
-        .ok()
-        .map(|()| curve);
+    let (records, loss_curve) = run_log.finish(out, "kiln pretrain")?;
     let final_loss = records.iter().rev().find_map(|r| r.loss);
     let wall = started.elapsed().as_secs_f64();
     let summary = PretrainSummary {
@@ -484,12 +450,7 @@ pub fn pretrain(cfg: &PretrainConfig, show_progress: bool) -> Result<PretrainSum
         tokens_per_second: tokens_trained as f64 / wall.max(1e-9),
         loss_curve,
     };
-    let summary_path = out.join("train_results.json");
-    std::fs::write(
-        &summary_path,
-        serde_json::to_string_pretty(&summary).unwrap_or_default(),
-    )
-    .map_err(io_err(&summary_path))?;
+    write_results(out, &summary)?;
     Ok(summary)
 }
 
@@ -546,63 +507,4 @@ fn save_model_dir(model_cfg: &ModelConfig, varmap: &VarMap, out: &Path) -> Resul
     varmap
         .save(&weights)
         .map_err(|e| Error::InvalidInput(format!("{}: cannot write: {e}", weights.display())))
-}
-
-pub(crate) fn progress_bar(total: u64, position: u64, visible: bool) -> indicatif::ProgressBar {
-    if !visible {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) =
-        indicatif::ProgressStyle::with_template("step {pos}/{len} {bar:28} {msg} · eta {eta}")
-    {
-        bar.set_style(style);
-    }
-    bar.set_position(position);
-    bar
-}
-
-/// Training loss and throughput since the last log line.
-pub(crate) struct LogWindow {
-    loss_sum: f64,
-    steps: u64,
-    tokens: u64,
-    since: Instant,
-}
-
-impl LogWindow {
-    pub(crate) fn new() -> Self {
-        Self {
-            loss_sum: 0.0,
-            steps: 0,
-            tokens: 0,
-            since: Instant::now(),
-        }
-    }
-
-    pub(crate) fn add(&mut self, loss: f64, tokens: u64) {
-        self.loss_sum += loss;
-        self.steps += 1;
-        self.tokens += tokens;
-    }
-
-    pub(crate) fn record(
-        &mut self,
-        step: u64,
-        lr: f64,
-        grad_norm: f64,
-        eval_loss: Option<f64>,
-    ) -> MetricsRecord {
-        let elapsed = self.since.elapsed().as_secs_f64().max(1e-9);
-        let record = MetricsRecord {
-            step,
-            loss: (self.steps > 0).then(|| self.loss_sum / self.steps as f64),
-            learning_rate: Some(lr),
-            grad_norm: Some(grad_norm),
-            tokens_per_second: Some(self.tokens as f64 / elapsed),
-            eval_loss,
-        };
-        *self = Self::new();
-        record
-    }
 }

@@ -38,9 +38,9 @@ use serde_json::Value;
 
 use crate::checkpoint::{Checkpoint, TrainerState};
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-use crate::metrics::{MetricsLog, MetricsRecord, plot_loss, read_metrics};
 use crate::optim::{AdamWConfig, NamedVar};
 use crate::optimizer::Optimizer;
+use crate::run::{RunLog, io_err, prepare_output_dir, write_results};
 use crate::schedule::{LrSchedule, ScheduleKind};
 use crate::sft_data::{SftDataOptions, SftDataset, SftExample, load_sft_dataset, make_batch};
 
@@ -68,12 +68,6 @@ pub struct SftConfig {
     pub adapter_path: Option<PathBuf>,
     #[serde(default)]
     pub training_args: TrainingArgs,
-}
-
-macro_rules! defaults {
-    ($($name:ident: $ty:ty = $value:expr;)*) => {
-        $(fn $name() -> $ty { $value })*
-    };
 }
 
 defaults! {
@@ -415,13 +409,6 @@ pub struct SftSummary {
     pub saved: PathBuf,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
-        path: path.to_path_buf(),
-        source,
-    }
-}
-
 /// The model being fine-tuned and what trains in it.
 pub struct SftModel {
     pub model: CausalLm,
@@ -613,14 +600,11 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
     cfg.validate()?;
     let t = &cfg.training_args;
     let out = &t.output_dir;
-    std::fs::create_dir_all(out).map_err(io_err(out))?;
-    let resume_from = Checkpoint::latest(out)?;
-    if resume_from.is_some() && !t.resume_from_checkpoint {
-        return Err(Error::InvalidInput(format!(
-            "output_dir {} already holds checkpoints: set training_args.resume_from_checkpoint: true to continue that run, or choose another output_dir",
-            out.display()
-        )));
-    }
+    let resume_from = prepare_output_dir(
+        out,
+        t.resume_from_checkpoint,
+        "training_args.resume_from_checkpoint",
+    )?;
 
     let sft_model = SftModel::load(cfg)?;
     let tokenizer = &sft_model.tokenizer;
@@ -703,13 +687,13 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
         );
     }
 
-    let metrics_path = out.join("metrics.jsonl");
-    if resume_from.is_none() && metrics_path.exists() {
-        std::fs::remove_file(&metrics_path).map_err(io_err(&metrics_path))?;
-    }
-    let mut log = MetricsLog::open(&metrics_path)?;
-    let bar = crate::pretrain::progress_bar(max_steps, state.global_step, show_progress);
-    let mut window = crate::pretrain::LogWindow::new();
+    let mut run_log = RunLog::open(
+        out,
+        resume_from.is_some(),
+        (state.global_step, max_steps),
+        t.logging_steps,
+        show_progress,
+    )?;
     let mut order = Shuffled {
         n: train.examples.len(),
         seed: t.seed,
@@ -717,7 +701,6 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
     };
     let eval_steps = t.eval_steps.unwrap_or(t.logging_steps);
     let eval_batch = t.per_device_eval_batch_size.unwrap_or(micro);
-    let mut last_eval = None;
     let mut tokens_trained = 0u64;
     let train_started = Instant::now();
     let first_step = state.global_step;
@@ -766,42 +749,25 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
         opt.step(&grads)?;
         state.global_step += 1;
         tokens_trained += step_tokens;
-        window.add(step_loss, step_tokens);
 
         let step = state.global_step;
         let eval_now = step.is_multiple_of(eval_steps) || step == max_steps;
         let eval_loss = match &eval {
             Some(e) if eval_now && !e.examples.is_empty() => {
-                let l = evaluate(&eval_model, &e.examples, eval_batch, pad_id)?;
-                last_eval = Some(l);
-                Some(l)
+                Some(evaluate(&eval_model, &e.examples, eval_batch, pad_id)?)
             }
             _ => None,
         };
-        if step.is_multiple_of(t.logging_steps) || eval_loss.is_some() || step == max_steps {
-            let record: MetricsRecord = window.record(step, lr, grad_norm, eval_loss);
-            bar.set_message(format!(
-                "loss {:.4} · lr {lr:.2e} · {:.0} tok/s{}",
-                record.loss.unwrap_or(f64::NAN),
-                record.tokens_per_second.unwrap_or(0.0),
-                last_eval
-                    .map(|l| format!(" · eval {l:.4}"))
-                    .unwrap_or_default()
-            ));
-            log.write(&record)?;
-        }
+        run_log.step(step, (step_loss, step_tokens), (lr, grad_norm), eval_loss)?;
         if step.is_multiple_of(t.save_steps) && step < max_steps {
             Checkpoint::save(out, params, &opt, &state)?;
         }
-        bar.set_position(step);
     }
-    bar.finish_and_clear();
     let train_seconds = train_started.elapsed().as_secs_f64();
 
     sft_model.save(out)?;
-    let records = read_metrics(&metrics_path)?;
-    let curve = out.join("loss_curve.png");
-    let loss_curve = plot_loss(&records, "kiln sft", &curve).ok().map(|()| curve);
+    let last_eval = run_log.last_eval();
+    let (records, loss_curve) = run_log.finish(out, "kiln sft")?;
     let steps_run = state.global_step - first_step;
     let summary = SftSummary {
         output_dir: out.clone(),
@@ -824,11 +790,6 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
         loss_curve,
         saved: out.clone(),
     };
-    let summary_path = out.join("train_results.json");
-    std::fs::write(
-        &summary_path,
-        serde_json::to_string_pretty(&summary).unwrap_or_default(),
-    )
-    .map_err(io_err(&summary_path))?;
+    write_results(out, &summary)?;
     Ok(summary)
 }

@@ -1,0 +1,193 @@
+//! What every training recipe's run shares: the output directory's checkpoint guard, the
+//! metrics log with its progress bar and loss-curve plot, and `train_results.json`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use kiln_core::{Error, Result};
+use serde::Serialize;
+
+use crate::checkpoint::Checkpoint;
+use crate::metrics::{MetricsLog, MetricsRecord, plot_loss, read_metrics};
+
+/// Maps an I/O error on `path` to kiln's error, naming the path.
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates `out` and returns its newest checkpoint when the run resumes. Checkpoints left by an
+/// earlier run are an error unless resuming was asked for (`resume_key` names the setting).
+pub(crate) fn prepare_output_dir(
+    out: &Path,
+    resume: bool,
+    resume_key: &str,
+) -> Result<Option<Checkpoint>> {
+    std::fs::create_dir_all(out).map_err(io_err(out))?;
+    let latest = Checkpoint::latest(out)?;
+    if latest.is_some() && !resume {
+        return Err(Error::InvalidInput(format!(
+            "output_dir {} already holds checkpoints: set {resume_key}: true to continue that run, or choose another output_dir",
+            out.display()
+        )));
+    }
+    Ok(latest)
+}
+
+/// Writes a run's summary as `train_results.json` in `out`.
+pub(crate) fn write_results<T: Serialize>(out: &Path, summary: &T) -> Result<()> {
+    let path = out.join("train_results.json");
+    let json = serde_json::to_string_pretty(summary).map_err(|source| Error::Json {
+        path: path.clone(),
+        source,
+    })?;
+    std::fs::write(&path, json).map_err(io_err(&path))
+}
+
+/// `metrics.jsonl`, the progress bar and the window of steps since the last log line.
+pub(crate) struct RunLog {
+    path: PathBuf,
+    log: MetricsLog,
+    bar: indicatif::ProgressBar,
+    window: LogWindow,
+    logging_steps: u64,
+    total_steps: u64,
+    last_eval: Option<f64>,
+}
+
+impl RunLog {
+    /// Opens `out/metrics.jsonl`, appending when the run resumes and starting afresh otherwise.
+    pub(crate) fn open(
+        out: &Path,
+        resumed: bool,
+        (position, total_steps): (u64, u64),
+        logging_steps: u64,
+        show_progress: bool,
+    ) -> Result<Self> {
+        let path = out.join("metrics.jsonl");
+        if !resumed && path.exists() {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+        Ok(Self {
+            log: MetricsLog::open(&path)?,
+            path,
+            bar: progress_bar(total_steps, position, show_progress),
+            window: LogWindow::new(),
+            logging_steps,
+            total_steps,
+            last_eval: None,
+        })
+    }
+
+    /// Records a finished optimizer step; writes a log line every `logging_steps`, at an
+    /// evaluation and at the last step.
+    pub(crate) fn step(
+        &mut self,
+        step: u64,
+        (loss, tokens): (f64, u64),
+        (lr, grad_norm): (f64, f64),
+        eval_loss: Option<f64>,
+    ) -> Result<()> {
+        self.window.add(loss, tokens);
+        if eval_loss.is_some() {
+            self.last_eval = eval_loss;
+        }
+        if step.is_multiple_of(self.logging_steps)
+            || eval_loss.is_some()
+            || step == self.total_steps
+        {
+            let record = self.window.record(step, lr, grad_norm, eval_loss);
+            self.bar.set_message(format!(
+                "loss {:.4} · lr {lr:.2e} · {:.0} tok/s{}",
+                record.loss.unwrap_or(f64::NAN),
+                record.tokens_per_second.unwrap_or(0.0),
+                self.last_eval
+                    .map(|l| format!(" · eval {l:.4}"))
+                    .unwrap_or_default()
+            ));
+            self.log.write(&record)?;
+        }
+        self.bar.set_position(step);
+        Ok(())
+    }
+
+    /// The latest evaluation loss.
+    pub(crate) fn last_eval(&self) -> Option<f64> {
+        self.last_eval
+    }
+
+    /// Clears the bar, reads the whole log back and plots `out/loss_curve.png`: the records
+    /// and the plot's path (none when plotting failed: the run's result does not depend on it).
+    pub(crate) fn finish(
+        self,
+        out: &Path,
+        title: &str,
+    ) -> Result<(Vec<MetricsRecord>, Option<PathBuf>)> {
+        self.bar.finish_and_clear();
+        let records = read_metrics(&self.path)?;
+        let curve = out.join("loss_curve.png");
+        let plotted = plot_loss(&records, title, &curve).ok().map(|()| curve);
+        Ok((records, plotted))
+    }
+}
+
+fn progress_bar(total: u64, position: u64, visible: bool) -> indicatif::ProgressBar {
+    if !visible {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("step {pos}/{len} {bar:28} {msg} · eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar.set_position(position);
+    bar
+}
+
+/// Training loss and throughput since the last log line.
+struct LogWindow {
+    loss_sum: f64,
+    steps: u64,
+    tokens: u64,
+    since: Instant,
+}
+
+impl LogWindow {
+    fn new() -> Self {
+        Self {
+            loss_sum: 0.0,
+            steps: 0,
+            tokens: 0,
+            since: Instant::now(),
+        }
+    }
+
+    fn add(&mut self, loss: f64, tokens: u64) {
+        self.loss_sum += loss;
+        self.steps += 1;
+        self.tokens += tokens;
+    }
+
+    fn record(
+        &mut self,
+        step: u64,
+        lr: f64,
+        grad_norm: f64,
+        eval_loss: Option<f64>,
+    ) -> MetricsRecord {
+        let elapsed = self.since.elapsed().as_secs_f64().max(1e-9);
+        let record = MetricsRecord {
+            step,
+            loss: (self.steps > 0).then(|| self.loss_sum / self.steps as f64),
+            learning_rate: Some(lr),
+            grad_norm: Some(grad_norm),
+            tokens_per_second: Some(self.tokens as f64 / elapsed),
+            eval_loss,
+        };
+        *self = Self::new();
+        record
+    }
+}
