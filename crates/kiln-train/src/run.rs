@@ -58,7 +58,9 @@ pub(crate) struct RunLog {
 }
 
 impl RunLog {
-    /// Opens `out/metrics.jsonl`, appending when the run resumes and starting afresh otherwise.
+    /// Opens `out/metrics.jsonl`: afresh for a new run; for a resumed one, the records up to
+    /// the checkpoint's step `position` are kept (a run resumed from an earlier checkpoint
+    /// logs the later steps again) and new ones appended.
     pub(crate) fn open(
         out: &Path,
         resumed: bool,
@@ -67,11 +69,23 @@ impl RunLog {
         show_progress: bool,
     ) -> Result<Self> {
         let path = out.join("metrics.jsonl");
-        if !resumed && path.exists() {
+        let kept = if resumed && path.exists() {
+            read_metrics(&path)?
+                .into_iter()
+                .filter(|r| r.step <= position)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if path.exists() {
             std::fs::remove_file(&path).map_err(io_err(&path))?;
         }
+        let mut log = MetricsLog::open(&path)?;
+        for record in &kept {
+            log.write(record)?;
+        }
         Ok(Self {
-            log: MetricsLog::open(&path)?,
+            log,
             path,
             bar: progress_bar(total_steps, position, show_progress),
             window: LogWindow::new(),

@@ -134,7 +134,8 @@ pub struct PeftConfig {
 }
 
 /// The `TrainingArguments` / `SFTConfig` vocabulary kiln implements, under the same names and
-/// defaults. Accepted for compatibility and without effect on the CPU: `bf16`, `fp16`,
+/// defaults, but one: `assistant_only_loss` is on by default (TRL's is off), so conversations
+/// train the assistant's replies rather than the whole rendered chat. Accepted for compatibility and without effect on the CPU: `bf16`, `fp16`,
 /// `gradient_checkpointing`, `report_to`, `run_name`, `dataloader_num_workers`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -606,6 +607,13 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
         "training_args.resume_from_checkpoint",
     )?;
 
+    let full = cfg.peft_config.is_none() && cfg.adapter_path.is_none();
+    if full && out.join("model.safetensors").exists() {
+        return Err(Error::InvalidInput(format!(
+            "output_dir {} already holds a model.safetensors: full fine-tuning writes the model there; choose another output_dir",
+            out.display()
+        )));
+    }
     let sft_model = SftModel::load(cfg)?;
     let tokenizer = &sft_model.tokenizer;
     let pad_id = tokenizer

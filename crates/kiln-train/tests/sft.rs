@@ -151,6 +151,41 @@ fn full_fine_tuning_saves_a_model_directory() {
     )
     .unwrap();
     assert!(max_diff(&last_logits(&tuned), &last_logits(&base)) > 1e-2);
+
+    // The model is written into output_dir: a second run there stops before training.
+    let started = std::time::Instant::now();
+    let err = sft(&cfg, false).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors"), "{err}");
+    assert!(started.elapsed().as_secs_f64() < 5.0);
+}
+
+/// A run resumed from its step-6 checkpoint continues to step 12 and logs each step once.
+#[test]
+fn a_resumed_run_logs_each_step_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), LORA, "");
+    sft(&cfg, false).unwrap();
+    let resumed = config_with(
+        dir.path(),
+        LORA,
+        "",
+        &["training_args.resume_from_checkpoint=true"],
+    );
+    std::fs::remove_dir_all(resumed.training_args.output_dir.join("checkpoint-12")).ok();
+    let summary = sft(&resumed, false).unwrap();
+    assert_eq!(summary.steps, 12);
+    let text =
+        std::fs::read_to_string(resumed.training_args.output_dir.join("metrics.jsonl")).unwrap();
+    let steps: Vec<u64> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0] < w[1]), "{steps:?}");
+    assert_eq!(steps.last(), Some(&12));
 }
 
 /// The PEFT-written fixture adapter loads, trains further, and is saved under the same keys.
