@@ -356,10 +356,34 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["synth", "pretrain", "sample"]);
+    assert_eq!(stages, ["synth", "pretrain", "sample", "sft"]);
+    // SFT teaches the answer format the pre-trained model never saw, and the adapter is PEFT's.
+    let format = report["sft_tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task"] == "format")
+        .unwrap();
+    let (before, after) = (
+        format["before"].as_f64().unwrap(),
+        format["after"].as_f64().unwrap(),
+    );
+    assert!(
+        after >= before + 0.5,
+        "format pass rate {before} -> {after}"
+    );
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "loss_curve.png",
+    ] {
+        assert!(out.path().join("sft").join(f).is_file(), "sft/{f}");
+    }
     let md = std::fs::read_to_string(out.path().join("report.md")).unwrap();
     assert!(
-        md.contains("| pretrain |") && md.contains("loss_curve.png"),
+        md.contains("| pretrain |")
+            && md.contains("loss_curve.png")
+            && md.contains("Supervised fine-tuning (LoRA)"),
         "{md}"
     );
     assert!(out.path().join("model/loss_curve.png").is_file());
