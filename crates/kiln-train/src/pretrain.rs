@@ -185,24 +185,23 @@ impl PretrainConfig {
                 ),
             );
         }
-        for (key, v) in [
-            (
-                "per_device_train_batch_size",
-                self.per_device_train_batch_size as u64,
-            ),
-            (
-                "gradient_accumulation_steps",
-                self.gradient_accumulation_steps as u64,
-            ),
-            ("max_steps", self.max_steps),
-            ("logging_steps", self.logging_steps),
-            ("eval_steps", self.eval_steps),
-            ("save_steps", self.save_steps),
-        ] {
-            if v == 0 {
-                return bad(key, "must be at least 1".into());
-            }
-        }
+        crate::run::require_nonzero(
+            "",
+            &[
+                (
+                    "per_device_train_batch_size",
+                    self.per_device_train_batch_size as u64,
+                ),
+                (
+                    "gradient_accumulation_steps",
+                    self.gradient_accumulation_steps as u64,
+                ),
+                ("max_steps", self.max_steps),
+                ("logging_steps", self.logging_steps),
+                ("eval_steps", self.eval_steps),
+                ("save_steps", self.save_steps),
+            ],
+        )?;
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return bad(
                 "learning_rate",

@@ -36,6 +36,17 @@ pub(crate) fn prepare_output_dir(
     Ok(latest)
 }
 
+/// Checks that every count of `values` (config key, value) is at least 1; errors name the key
+/// under `prefix` (`"training_args."`, or `""` for a flat config).
+pub(crate) fn require_nonzero(prefix: &str, values: &[(&str, u64)]) -> Result<()> {
+    match values.iter().find(|(_, v)| *v == 0) {
+        Some((key, _)) => Err(Error::InvalidInput(format!(
+            "`{prefix}{key}`: must be at least 1"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Writes a run's summary as `train_results.json` in `out`.
 pub(crate) fn write_results<T: Serialize>(out: &Path, summary: &T) -> Result<()> {
     let path = out.join("train_results.json");

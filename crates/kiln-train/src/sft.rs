@@ -308,24 +308,23 @@ impl SftConfig {
         let bad = |key: &str, msg: String| {
             Err(Error::InvalidInput(format!("training_args.{key}: {msg}")))
         };
-        for (key, v) in [
-            (
-                "per_device_train_batch_size",
-                t.per_device_train_batch_size as u64,
-            ),
-            (
-                "gradient_accumulation_steps",
-                t.gradient_accumulation_steps as u64,
-            ),
-            ("logging_steps", t.logging_steps),
-            ("save_steps", t.save_steps),
-            ("eval_steps", t.eval_steps.unwrap_or(1)),
-            ("max_length", t.max_length as u64),
-        ] {
-            if v == 0 {
-                return bad(key, "must be at least 1".into());
-            }
-        }
+        crate::run::require_nonzero(
+            "training_args.",
+            &[
+                (
+                    "per_device_train_batch_size",
+                    t.per_device_train_batch_size as u64,
+                ),
+                (
+                    "gradient_accumulation_steps",
+                    t.gradient_accumulation_steps as u64,
+                ),
+                ("logging_steps", t.logging_steps),
+                ("save_steps", t.save_steps),
+                ("eval_steps", t.eval_steps.unwrap_or(1)),
+                ("max_length", t.max_length as u64),
+            ],
+        )?;
         if t.max_length < 2 {
             return bad("max_length", "must be at least 2".into());
         }
