@@ -500,3 +500,81 @@ fn merge_writes_a_model_that_generates_like_the_adapter() {
     );
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `kiln sft` through the binary: a conversational dataset, `--set` overrides, the JSON summary,
+/// and an adapter `kiln generate` takes; a misspelt key fails naming it, with no panic.
+#[test]
+fn sft_trains_an_adapter_generate_uses() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("chats.jsonl");
+    let rows: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"messages": [
+                {"role": "user", "content": format!("What is {i} plus one?")},
+                {"role": "assistant", "content": format!("It is {}.", i + 1)},
+            ]})
+            .to_string()
+        })
+        .collect();
+    std::fs::write(&data, rows.join("\n")).unwrap();
+    let out_dir = dir.path().join("out");
+    let config = dir.path().join("sft.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "model_id: {}\ndataset_path: {}\npeft_config:\n  r: 4\n  lora_alpha: 8\n  \
+             target_modules: [\"q_proj\", \"v_proj\"]\ntraining_args:\n  output_dir: {}\n  \
+             per_device_train_batch_size: 4\n  max_steps: 100\n  optim: paged_adamw_8bit\n",
+            model(),
+            data.display(),
+            out_dir.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let v = stdout_json(&kiln(&[
+        "sft",
+        "--config",
+        config,
+        "--set",
+        "training_args.max_steps=4",
+        "--set",
+        "training_args.learning_rate=1e-3",
+        "--json",
+    ]));
+    assert_eq!(v["steps"], 4);
+    assert_eq!(v["method"], "lora");
+    assert_eq!(v["optimizer"], "paged_adamw_8bit");
+    assert!(v["optimizer_state_bytes"].as_u64().unwrap() > 0);
+    // Rank 4 on q_proj (64 -> 64) and v_proj (64 -> 32, two KV heads) of two layers.
+    assert_eq!(v["trainable_parameters"], 2 * 4 * ((64 + 64) + (64 + 32)));
+    let g = stdout_json(&kiln(&[
+        "generate",
+        "--model",
+        &model(),
+        "--adapter",
+        out_dir.to_str().unwrap(),
+        "--prompt",
+        "What is",
+        "--max-tokens",
+        "3",
+        "--temperature",
+        "0",
+        "--json",
+    ]));
+    assert!(!g["token_ids"].as_array().unwrap().is_empty());
+
+    let bad = kiln(&[
+        "sft",
+        "--config",
+        config,
+        "--set",
+        "training_args.learning_rte=1e-3",
+    ]);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(!bad.status.success());
+    assert!(
+        stderr.contains("learning_rte") && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

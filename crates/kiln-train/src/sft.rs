@@ -800,3 +800,50 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
     write_results(out, &summary)?;
     Ok(summary)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The file a tutorial shows, accepted exactly as written.
+    #[test]
+    fn the_tutorial_config_is_accepted_as_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sft.yaml");
+        std::fs::write(
+            &path,
+            "model_id: meta-llama/Llama-2-7b-hf\n\
+             dataset_path: /data/preference_pairs/\n\
+             peft_config:\n  r: 16\n  lora_alpha: 32\n  target_modules: [\"q_proj\", \"v_proj\"]\n\
+             training_args:\n  per_device_train_batch_size: 4\n  gradient_accumulation_steps: 8\n  \
+             max_steps: 1000\n  optim: paged_adamw_8bit\n",
+        )
+        .expect("write");
+        let cfg = SftConfig::load(&path, &[]).expect("parses");
+        cfg.validate().expect("valid");
+        let lora = cfg
+            .peft_config
+            .as_ref()
+            .expect("peft_config")
+            .to_lora_config(&cfg.model_id)
+            .expect("lora config");
+        assert_eq!(lora.r, 16);
+        assert_eq!(lora.scale_for("model.layers.0.self_attn.q_proj"), 2.0);
+        assert!(lora.targets("model.layers.3.self_attn.v_proj"));
+        assert!(!lora.targets("model.layers.3.mlp.up_proj"));
+        let t = &cfg.training_args;
+        assert_eq!(
+            (
+                t.per_device_train_batch_size,
+                t.gradient_accumulation_steps,
+                t.max_steps
+            ),
+            (4, 8, 1000)
+        );
+        assert_eq!(t.optim, "paged_adamw_8bit");
+        // HF's defaults for what the file leaves out.
+        assert_eq!(t.learning_rate, 2e-5);
+        assert_eq!(t.lr_scheduler_type, "linear");
+        assert_eq!(t.output_dir, PathBuf::from("trainer_output"));
+    }
+}
