@@ -32,6 +32,11 @@
 //! As in bnb's kernel, a non-finite gradient element leaves its weight alone and zeroes its two
 //! moments in the 8-bit path, so one NaN cannot spread through a block's absmax.
 //!
+//! `tests/bnb_parity.rs` checks all of it against bitsandbytes 0.50 itself (its CPU backend):
+//! the maps to an ulp, block-wise codes, and five steps whose weights agree to 5e-4 of a 5e-2
+//! move, the codes equal or one apart (bnb's CPU search settles a few values on a neighbour of
+//! the nearest code; kiln always takes the nearest, as the CUDA kernel does).
+//!
 //! Parameters that are not CPU f32 tensors keep f32 moments and take AdamW's composed update
 //! (correct, but neither quantized nor fused); kiln trains on the CPU in f32, where every large
 //! tensor takes the 8-bit path.
