@@ -223,6 +223,31 @@ impl LoraConfig {
             .any(|m| path.ends_with(m.as_str()))
     }
 
+    /// Checks that every name in a `target_modules` list matches one of the model's linear
+    /// `paths`; the error names the entry and the module names the model has.
+    pub fn check_targets<'a>(
+        &self,
+        paths: impl Iterator<Item = &'a str> + Clone,
+    ) -> std::result::Result<(), String> {
+        let TargetModules::Names(names) = &self.target_modules else {
+            return Ok(());
+        };
+        match names
+            .iter()
+            .find(|name| !paths.clone().any(|path| suffix_match(path, name)))
+        {
+            Some(name) => {
+                let available: BTreeSet<&str> =
+                    paths.map(|p| p.rsplit('.').next().unwrap_or(p)).collect();
+                Err(format!(
+                    "`{name}` matches no module of the model (its linear modules are {})",
+                    available.into_iter().collect::<Vec<_>>().join(", ")
+                ))
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Whether PEFT would wrap the module at `path`.
     pub fn targets(&self, path: &str) -> bool {
         match &self.target_modules {
@@ -389,20 +414,9 @@ impl LoraAdapter {
         };
         let mut linears: BTreeMap<String, &mut crate::linear::Linear> =
             model.linears_mut().into_iter().collect();
-        if let TargetModules::Names(names) = &self.config.target_modules {
-            for name in names {
-                if !linears.keys().any(|path| suffix_match(path, name)) {
-                    let available: BTreeSet<&str> = linears
-                        .keys()
-                        .map(|p| p.rsplit('.').next().unwrap_or(p))
-                        .collect();
-                    return Err(err(format!(
-                        "target_modules entry `{name}` matches no module of the model (its linear modules are {})",
-                        available.into_iter().collect::<Vec<_>>().join(", ")
-                    )));
-                }
-            }
-        }
+        self.config
+            .check_targets(linears.keys().map(String::as_str))
+            .map_err(|m| err(format!("target_modules entry {m}")))?;
         for (module, (a, b)) in &self.modules {
             let linear = linears.get_mut(module).ok_or_else(|| {
                 err(format!(

@@ -6,8 +6,8 @@ use candle_core::{DType, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::linear::LoraLayer;
-use crate::lora::{LoraConfig, TargetModules};
+use crate::linear::{Linear, LoraLayer};
+use crate::lora::LoraConfig;
 use crate::transformer::CausalLm;
 
 /// One trainable adapter matrix: its PEFT checkpoint key
@@ -30,25 +30,9 @@ pub fn attach_trainable_lora(
     let dtype = model.dtype();
     let device = model.device().clone();
     let mut linears = model.linears_mut();
-    if let TargetModules::Names(names) = &config.target_modules {
-        for name in names {
-            let found = linears
-                .iter()
-                .any(|(path, _)| path == name || path.ends_with(&format!(".{name}")));
-            if !found {
-                let mut available: Vec<&str> = linears
-                    .iter()
-                    .map(|(p, _)| p.rsplit('.').next().unwrap_or(p))
-                    .collect();
-                available.sort_unstable();
-                available.dedup();
-                candle_core::bail!(
-                    "peft_config.target_modules: `{name}` matches no module of the model (its linear modules are {})",
-                    available.join(", ")
-                );
-            }
-        }
-    }
+    config
+        .check_targets(linears.iter().map(|(path, _)| path.as_str()))
+        .map_err(|m| candle_core::Error::Msg(format!("peft_config.target_modules: {m}")))?;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut vars = Vec::new();
     for (index, (path, linear)) in linears.iter_mut().enumerate() {
@@ -61,27 +45,13 @@ pub fn attach_trainable_lora(
         let a: Vec<f32> = (0..r * in_f)
             .map(|_| rng.random_range(-bound..bound) as f32)
             .collect();
-        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_f), &device)?.to_dtype(dtype)?)?;
-        let b = Var::from_tensor(&Tensor::zeros((out_f, r), dtype, &device)?)?;
-        let lora = LoraLayer::new(
-            a.as_tensor().clone(),
-            b.as_tensor().clone(),
-            config.scale_for(path),
-        )
-        .with_dropout(
-            config.lora_dropout as f32,
-            crate::ops::mix64(seed ^ index as u64),
+        let (a, b) = (
+            Tensor::from_vec(a, (r, in_f), &device)?.to_dtype(dtype)?,
+            Tensor::zeros((out_f, r), dtype, &device)?,
         );
-        linear.set_lora(lora)?;
-        let key = |which: &str| format!("base_model.model.{path}.{which}.weight");
-        vars.push(LoraVar {
-            name: key("lora_A"),
-            var: a,
-        });
-        vars.push(LoraVar {
-            name: key("lora_B"),
-            var: b,
-        });
+        let scale = config.scale_for(path);
+        let dropout = (config.lora_dropout as f32, index);
+        vars.extend(attach(linear, path, (&a, &b), scale, dropout, seed)?);
     }
     if vars.is_empty() {
         candle_core::bail!("peft_config.target_modules selects no linear layer of the model");
@@ -97,21 +67,43 @@ pub fn make_lora_trainable(model: &mut CausalLm, dropout: f32, seed: u64) -> Res
         let Some(lora) = linear.remove_lora() else {
             continue;
         };
-        let a = Var::from_tensor(&lora.a.to_dtype(DType::F32)?)?;
-        let b = Var::from_tensor(&lora.b.to_dtype(DType::F32)?)?;
-        linear.set_lora(
-            LoraLayer::new(a.as_tensor().clone(), b.as_tensor().clone(), lora.scale)
-                .with_dropout(dropout, crate::ops::mix64(seed ^ index as u64)),
-        )?;
-        let key = |which: &str| format!("base_model.model.{path}.{which}.weight");
-        vars.push(LoraVar {
-            name: key("lora_A"),
-            var: a,
-        });
-        vars.push(LoraVar {
-            name: key("lora_B"),
-            var: b,
-        });
+        let pair = (&lora.a.to_dtype(DType::F32)?, &lora.b.to_dtype(DType::F32)?);
+        vars.extend(attach(
+            linear,
+            &path,
+            pair,
+            lora.scale,
+            (dropout, index),
+            seed,
+        )?);
     }
     Ok(vars)
+}
+
+/// Attaches `(a, b)` to `linear` as trainable variables, with dropout `p` drawn from a stream
+/// seeded by the run's seed and the layer's index; returns them under PEFT's keys.
+fn attach(
+    linear: &mut Linear,
+    path: &str,
+    (a, b): (&Tensor, &Tensor),
+    scale: f64,
+    (p, index): (f32, usize),
+    seed: u64,
+) -> Result<[LoraVar; 2]> {
+    let (a, b) = (Var::from_tensor(a)?, Var::from_tensor(b)?);
+    linear.set_lora(
+        LoraLayer::new(a.as_tensor().clone(), b.as_tensor().clone(), scale)
+            .with_dropout(p, crate::ops::mix64(seed ^ index as u64)),
+    )?;
+    let key = |which: &str| format!("base_model.model.{path}.{which}.weight");
+    Ok([
+        LoraVar {
+            name: key("lora_A"),
+            var: a,
+        },
+        LoraVar {
+            name: key("lora_B"),
+            var: b,
+        },
+    ])
 }

@@ -32,6 +32,21 @@ pub const MODEL_SIDE_FILES: &[&str] = &[
     "vocab.txt",
 ];
 
+/// Copies every [`MODEL_SIDE_FILES`] entry `base_dir` has into `out` (atomically, file by file)
+/// and returns their names: what a saved model or adapter directory needs to serve alone.
+pub fn copy_side_files(base_dir: &Path, out: &Path) -> Result<Vec<String>> {
+    let mut copied = Vec::new();
+    for name in MODEL_SIDE_FILES {
+        let src = base_dir.join(name);
+        if src.is_file() {
+            let bytes = std::fs::read(&src).map_err(io_err(&src))?;
+            write_atomic(&out.join(name), &bytes)?;
+            copied.push((*name).to_string());
+        }
+    }
+    Ok(copied)
+}
+
 /// What [`save_model_dir`] wrote.
 #[derive(Debug, Clone)]
 pub struct SavedModel {
@@ -90,15 +105,7 @@ pub fn save_model_dir(
     let weights = out.join("model.safetensors");
     write_safetensors(&weights, tensors)?;
 
-    let mut copied = Vec::new();
-    for name in MODEL_SIDE_FILES {
-        let src = base_dir.join(name);
-        if src.is_file() {
-            let bytes = std::fs::read(&src).map_err(io_err(&src))?;
-            write_atomic(&out.join(name), &bytes)?;
-            copied.push((*name).to_string());
-        }
-    }
+    let copied = copy_side_files(base_dir, out)?;
     write_json(&out.join("config.json"), &config)?;
     let weights_bytes = std::fs::metadata(&weights).map_err(io_err(&weights))?.len();
     Ok(SavedModel {

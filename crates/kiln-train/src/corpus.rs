@@ -325,8 +325,7 @@ pub struct TokenBlocks {
     file: File,
     block_len: usize,
     blocks: usize,
-    /// The shuffled order of the epoch last asked for.
-    order: Option<(u64, Vec<usize>)>,
+    order: EpochOrder,
 }
 
 impl TokenBlocks {
@@ -348,7 +347,7 @@ impl TokenBlocks {
             file,
             block_len,
             blocks: (tokens / block_len as u64) as usize,
-            order: None,
+            order: EpochOrder::default(),
         })
     }
 
@@ -377,10 +376,28 @@ impl TokenBlocks {
 
     /// The block index at position `position` of the seeded, per-epoch shuffled stream.
     pub fn shuffled_index(&mut self, seed: u64, position: u64) -> usize {
-        let n = self.blocks as u64;
-        let epoch = position / n;
-        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let mut order: Vec<usize> = (0..self.blocks).collect();
+        self.order.index(self.blocks, seed, position)
+    }
+}
+
+/// A stream of `n` items in an order shuffled anew each epoch from the seed: position `p` is
+/// item `order(epoch = p / n)[p % n]`. A function of `(seed, position)` alone, so a run that
+/// resumes at a position continues the same stream. The order of the epoch last asked for is
+/// kept.
+#[derive(Debug, Default)]
+pub struct EpochOrder {
+    order: Option<(u64, Vec<usize>)>,
+}
+
+impl EpochOrder {
+    pub fn index(&mut self, n: usize, seed: u64, position: u64) -> usize {
+        let epoch = position / n as u64;
+        if self
+            .order
+            .as_ref()
+            .is_none_or(|(e, order)| *e != epoch || order.len() != n)
+        {
+            let mut order: Vec<usize> = (0..n).collect();
             order.shuffle(&mut ChaCha8Rng::seed_from_u64(
                 seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
             ));
@@ -388,6 +405,6 @@ impl TokenBlocks {
         }
         self.order
             .as_ref()
-            .map_or(0, |(_, order)| order[(position % n) as usize])
+            .map_or(0, |(_, order)| order[(position % n as u64) as usize])
     }
 }

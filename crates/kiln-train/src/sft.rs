@@ -30,17 +30,15 @@ use candle_nn::VarBuilder;
 use kiln_core::{Error, ModelDir, Result, SafetensorsWeights, Tokenizer};
 use kiln_model::lora_train::{LoraVar, attach_trainable_lora, make_lora_trainable};
 use kiln_model::{CausalLm, LoraAdapter, LoraConfig, TargetModules};
-use rand::SeedableRng;
-use rand::seq::SliceRandom;
-use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::checkpoint::{Checkpoint, TrainerState};
+use crate::corpus::EpochOrder;
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
 use crate::optim::{AdamWConfig, NamedVar};
 use crate::optimizer::Optimizer;
-use crate::run::{RunLog, io_err, prepare_output_dir, write_results};
+use crate::run::{RunLog, prepare_output_dir, write_results};
 use crate::schedule::{LrSchedule, ScheduleKind};
 use crate::sft_data::{SftDataOptions, SftDataset, SftExample, load_sft_dataset, make_batch};
 
@@ -505,18 +503,7 @@ impl SftModel {
                 let adapter = LoraAdapter::from_model(&self.model, config.clone())?;
                 adapter.save(out)?;
                 // TRL saves the tokenizer with the adapter, so the directory serves alone.
-                for name in [
-                    "tokenizer.json",
-                    "tokenizer_config.json",
-                    "special_tokens_map.json",
-                    "chat_template.jinja",
-                ] {
-                    let src = self.dir.root().join(name);
-                    if src.is_file() {
-                        let dst = out.join(name);
-                        std::fs::copy(&src, &dst).map_err(io_err(&dst))?;
-                    }
-                }
+                kiln_model::save::copy_side_files(self.dir.root(), out)?;
                 Ok(())
             }
             None => kiln_model::save::save_model_dir(
@@ -538,15 +525,14 @@ pub fn sft_loss(
     examples: &[&SftExample],
     pad_id: u32,
     normalizer: usize,
-) -> Result<(Tensor, usize)> {
+) -> Result<Tensor> {
     let batch = make_batch(examples, pad_id);
     let device = model.device();
-    let ids = Tensor::new(batch.input_ids.clone(), device)?;
+    let ids = Tensor::new(batch.input_ids, device)?;
     let targets = Tensor::new(batch.targets.as_slice(), device)?;
     let weights = Tensor::new(batch.weights.as_slice(), device)?;
     let nll = model.token_nll(&ids, &targets)?;
-    let loss = ((nll * weights)?.sum_all()? / normalizer.max(1) as f64)?;
-    Ok((loss, batch.trained_tokens))
+    Ok(((nll * weights)?.sum_all()? / normalizer.max(1) as f64)?)
 }
 
 /// The mean NLL per trained token over `examples` on a detached view of the model.
@@ -556,42 +542,14 @@ pub fn evaluate(
     batch: usize,
     pad_id: u32,
 ) -> Result<f64> {
-    let total: usize = examples.iter().map(trained_tokens).sum();
+    let total: usize = examples.iter().map(SftExample::trained_tokens).sum();
     let mut sum = 0.0;
     for chunk in examples.chunks(batch.max(1)) {
         let refs: Vec<&SftExample> = chunk.iter().collect();
-        let (loss, _) = sft_loss(model, &refs, pad_id, total)?;
+        let loss = sft_loss(model, &refs, pad_id, total)?;
         sum += f64::from(loss.to_scalar::<f32>()?);
     }
     Ok(sum)
-}
-
-fn trained_tokens(e: &SftExample) -> usize {
-    e.loss_mask.iter().skip(1).filter(|&&m| m).count()
-}
-
-/// Positions in a seeded, per-epoch shuffled stream of `n` examples.
-struct Shuffled {
-    n: usize,
-    seed: u64,
-    order: Option<(u64, Vec<usize>)>,
-}
-
-impl Shuffled {
-    fn index(&mut self, position: u64) -> usize {
-        let n = self.n as u64;
-        let epoch = position / n;
-        if self.order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            let mut order: Vec<usize> = (0..self.n).collect();
-            order.shuffle(&mut ChaCha8Rng::seed_from_u64(
-                self.seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            ));
-            self.order = Some((epoch, order));
-        }
-        self.order
-            .as_ref()
-            .map_or(0, |(_, order)| order[(position % n) as usize])
-    }
 }
 
 /// Runs supervised fine-tuning. `show_progress` draws a progress bar on stderr.
@@ -701,11 +659,7 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
         t.logging_steps,
         show_progress,
     )?;
-    let mut order = Shuffled {
-        n: train.examples.len(),
-        seed: t.seed,
-        order: None,
-    };
+    let mut order = EpochOrder::default();
     let eval_steps = t.eval_steps.unwrap_or(t.logging_steps);
     let eval_batch = t.per_device_eval_batch_size.unwrap_or(micro);
     let mut tokens_trained = 0u64;
@@ -721,7 +675,7 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
             .map(|_| {
                 (0..micro)
                     .map(|_| {
-                        let i = order.index(state.data_position);
+                        let i = order.index(train.examples.len(), t.seed, state.data_position);
                         state.data_position += 1;
                         &train.examples[i]
                     })
@@ -730,13 +684,13 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
             .collect();
         let window_tokens: usize = batches
             .iter()
-            .flat_map(|b| b.iter().map(|e| trained_tokens(e)))
+            .flat_map(|b| b.iter().map(|e| e.trained_tokens()))
             .sum();
         let mut acc = GradAccumulator::new();
         let mut step_loss = 0.0;
         let mut step_tokens = 0u64;
         for batch in &batches {
-            let (loss, _) = sft_loss(model, batch, pad_id, window_tokens)?;
+            let loss = sft_loss(model, batch, pad_id, window_tokens)?;
             step_loss += f64::from(loss.to_scalar::<f32>()?);
             step_tokens += batch.iter().map(|e| e.input_ids.len() as u64).sum::<u64>();
             acc.add(params, &model.backward(&loss)?)?;
