@@ -333,6 +333,16 @@ impl FusedDecoderLayer {
         x.apply_op2(&anchor, self)
     }
 
+    /// `dropout(x)` for the adapter's mask of this pass, in a pooled buffer; `None` when it
+    /// drops nothing. The backward pass calls it again instead of keeping the forward's copy.
+    fn dropped_input(&self, l: &FusedLora, x: &[f32]) -> Option<Vec<f32>> {
+        l.mask_seed.map(|seed| {
+            let mut xd = self.state.take(x.len());
+            crate::ops::dropout_mask_into(seed, l.dropout, &mut xd, |j, m, _| x[j] * m);
+            xd
+        })
+    }
+
     /// Adds the LoRA update of linear `i` to `y` (`[rows, out]`) for input `x` (`[rows, inp]`)
     /// and returns `dropout(x)·Aᵀ` for the backward pass.
     fn lora_forward(
@@ -349,11 +359,7 @@ impl FusedDecoderLayer {
         let rows = x.len() / inp;
         let (a, b, r) = lora_matrices(l)?;
         let st = &self.state;
-        let dropped = l.mask_seed.map(|seed| {
-            let mut xd = st.take(x.len());
-            crate::ops::dropout_mask_into(seed, l.dropout, &mut xd, |j, m| x[j] * m);
-            xd
-        });
+        let dropped = self.dropped_input(l, x);
         let mut down = st.take(rows * r);
         matmul_threaded(
             &mut MatMut::new(&mut down, 0, rows, r, r)?,
@@ -410,11 +416,7 @@ impl FusedDecoderLayer {
             l.scale,
             false,
         )?;
-        let dropped = l.mask_seed.map(|seed| {
-            let mut xd = st.take(x.len());
-            crate::ops::dropout_mask_into(seed, l.dropout, &mut xd, |j, m| x[j] * m);
-            xd
-        });
+        let dropped = self.dropped_input(l, x);
         if l.a.track_op() {
             let mut da = vec![0f32; r * inp];
             matmul_threaded(
@@ -426,33 +428,25 @@ impl FusedDecoderLayer {
             )?;
             st.push_grad(&l.a, Tensor::from_vec(da, (r, inp), l.a.device())?)?;
         }
-        match l.mask_seed {
-            None => matmul_threaded(
-                &mut MatMut::new(dx, 0, rows, inp, inp)?,
+        // ∂x += ∂down·A, times the mask where the input was dropped (the product goes through
+        // the dropped input's buffer, no longer needed).
+        let product = |dst: &mut [f32], accumulate: bool| {
+            matmul_threaded(
+                &mut MatMut::new(dst, 0, rows, inp, inp)?,
                 MatRef::new(&ddown, 0, rows, r, r)?,
                 MatRef::new(&a, 0, r, inp, inp)?,
                 1.0,
-                true,
-            )?,
-            Some(seed) => {
-                // ∂x += (∂down·A) ⊙ mask, through a scratch buffer.
-                let mut t = dropped.unwrap_or_else(|| st.take(x.len()));
-                matmul_threaded(
-                    &mut MatMut::new(&mut t, 0, rows, inp, inp)?,
-                    MatRef::new(&ddown, 0, rows, r, r)?,
-                    MatRef::new(&a, 0, r, inp, inp)?,
-                    1.0,
-                    false,
-                )?;
-                let mut scaled = st.take(x.len());
-                crate::ops::dropout_mask_into(seed, l.dropout, &mut scaled, |j, m| t[j] * m);
-                add_into(dx, &scaled);
-                st.give([t, scaled]);
-                st.give([ddown]);
-                return Ok(());
+                accumulate,
+            )
+        };
+        match (l.mask_seed, dropped) {
+            (Some(seed), Some(mut t)) => {
+                product(&mut t, false)?;
+                crate::ops::dropout_mask_into(seed, l.dropout, dx, |j, m, d| d + t[j] * m);
+                st.give([t]);
             }
+            _ => product(dx, true)?,
         }
-        st.give(dropped);
         st.give([ddown]);
         Ok(())
     }

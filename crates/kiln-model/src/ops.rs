@@ -518,19 +518,24 @@ pub fn dropout_keep_scale(seed: u64, i: usize, p: f32) -> f32 {
 /// The whole mask of [`dropout_keep_scale`] for `len` elements.
 pub fn dropout_mask(seed: u64, len: usize, p: f32) -> Vec<f32> {
     let mut mask = vec![0f32; len];
-    dropout_mask_into(seed, p, &mut mask, |_, m| m);
+    dropout_mask_into(seed, p, &mut mask, |_, m, _| m);
     mask
 }
 
-/// `out[i] = f(i, mask[i])` for the mask of [`dropout_keep_scale`], in parallel.
-pub fn dropout_mask_into(seed: u64, p: f32, out: &mut [f32], f: impl Fn(usize, f32) -> f32 + Sync) {
+/// `out[i] = f(i, mask[i], out[i])` for the mask of [`dropout_keep_scale`], in parallel.
+pub fn dropout_mask_into(
+    seed: u64,
+    p: f32,
+    out: &mut [f32],
+    f: impl Fn(usize, f32, f32) -> f32 + Sync,
+) {
     const CHUNK: usize = 1 << 14;
     out.par_chunks_mut(CHUNK)
         .enumerate()
         .for_each(|(c, chunk)| {
             for (j, o) in chunk.iter_mut().enumerate() {
                 let i = c * CHUNK + j;
-                *o = f(i, dropout_keep_scale(seed, i, p));
+                *o = f(i, dropout_keep_scale(seed, i, p), *o);
             }
         });
 }
