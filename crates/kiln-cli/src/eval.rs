@@ -14,6 +14,10 @@ pub enum EvalCommand {
         after_help = "Example:\n  kiln eval perplexity --model testdata/hf/llama --text-file README.md --json"
     )]
     Perplexity(PerplexityArgs),
+    /// Reward-model scores of `{"text"}` or `{"prompt","completion"}` rows, one JSON line each.
+    Reward(crate::eval_reward::EvalRewardArgs),
+    /// Summed completion log-probs of preference pairs, with TRL DPOTrainer semantics.
+    Logps(crate::eval_logps::EvalLogpsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -41,6 +45,8 @@ pub struct PerplexityArgs {
 pub fn run(cmd: EvalCommand) -> Result<()> {
     match cmd {
         EvalCommand::Perplexity(args) => perplexity(args),
+        EvalCommand::Reward(args) => crate::eval_reward::run(args),
+        EvalCommand::Logps(args) => crate::eval_logps::run(args),
     }
 }
 

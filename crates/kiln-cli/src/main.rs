@@ -2,13 +2,18 @@
 //! run and score Hugging Face checkpoints; training, serving and the rest arrive as subcommands.
 
 mod data;
+mod dpo;
 mod eval;
+mod eval_logps;
+mod eval_reward;
 mod generate;
 mod info;
 mod lifecycle;
 mod merge;
 mod model_args;
+mod ppo;
 mod pretrain;
+mod reward;
 mod sft;
 
 use std::process::ExitCode;
@@ -59,6 +64,12 @@ enum Command {
     Pretrain(pretrain::PretrainArgs),
     /// Supervised fine-tuning with LoRA (PEFT-compatible adapters) or in full, from TRL-style YAML.
     Sft(sft::SftArgs),
+    /// Train a reward model (a sequence classifier) on preference pairs.
+    Reward(reward::RewardArgs),
+    /// Direct preference optimization on preference pairs, with TRL's DPOTrainer semantics.
+    Dpo(dpo::DpoArgs),
+    /// RLHF with PPO against a reward model or a rule reward.
+    Ppo(ppo::PpoArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +85,9 @@ fn main() -> ExitCode {
         Command::Merge(args) => merge::run(args),
         Command::Pretrain(args) => pretrain::run(args),
         Command::Sft(args) => sft::run(args),
+        Command::Reward(args) => reward::run(args),
+        Command::Dpo(args) => dpo::run(args),
+        Command::Ppo(args) => ppo::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

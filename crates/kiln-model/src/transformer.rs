@@ -404,6 +404,22 @@ impl CausalLm {
         }
     }
 
+    /// The base model under an attached adapter: [`CausalLm::detached`] with every LoRA update
+    /// removed, on the same storage as the base weights (no copy is made). This is PEFT's
+    /// `disable_adapter()`, and DPO's and PPO's reference model in a LoRA run.
+    pub fn without_adapters(&self) -> Self {
+        let mut base = self.detached();
+        for (_, linear) in base.linears_mut() {
+            linear.remove_lora();
+        }
+        base
+    }
+
+    /// Whether any linear layer carries a LoRA update.
+    pub fn has_adapters(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.lora().is_some())
+    }
+
     /// Turns the fused decoder-layer op of training passes on (the default) or off. Off, every
     /// layer is composed from separately differentiable ops: the reference the fused op is
     /// tested against, and a way to rule it out when a result looks wrong.

@@ -1,6 +1,7 @@
 //! What a run leaves behind for people: `metrics.jsonl` (one object per logging step, TRL's key
 //! names) and a loss-curve PNG.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,10 @@ pub struct MetricsRecord {
     pub tokens_per_second: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub eval_loss: Option<f64>,
+    /// A recipe's own metrics under TRL's names (`rewards/accuracies`, `objective/kl`, …;
+    /// evaluation ones prefixed `eval_`), means over the steps since the last line.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, f64>,
 }
 
 /// Appends records to `metrics.jsonl`, flushing each so a crash loses nothing logged.

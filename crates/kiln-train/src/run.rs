@@ -1,6 +1,7 @@
 //! What every training recipe's run shares: the output directory's checkpoint guard, the
 //! metrics log with its progress bar and loss-curve plot, and `train_results.json`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -138,6 +139,26 @@ impl RunLog {
         Ok(())
     }
 
+    /// Adds a recipe's metrics of the step about to be recorded (logged as the mean over the
+    /// steps of a log line).
+    pub(crate) fn add_metrics<'a>(&mut self, metrics: impl IntoIterator<Item = (&'a str, f64)>) {
+        for (name, value) in metrics {
+            let (sum, n) = self.window.extra.entry(name.to_string()).or_default();
+            *sum += value;
+            *n += 1;
+        }
+    }
+
+    /// Evaluation metrics for the next log line, written as `eval_NAME`.
+    pub(crate) fn add_eval_metrics<'a>(
+        &mut self,
+        metrics: impl IntoIterator<Item = (&'a str, f64)>,
+    ) {
+        for (name, value) in metrics {
+            self.window.eval.insert(format!("eval_{name}"), value);
+        }
+    }
+
     /// The latest evaluation loss.
     pub(crate) fn last_eval(&self) -> Option<f64> {
         self.last_eval
@@ -178,6 +199,9 @@ struct LogWindow {
     steps: u64,
     tokens: u64,
     since: Instant,
+    /// Sum and count of each recipe metric.
+    extra: BTreeMap<String, (f64, u64)>,
+    eval: BTreeMap<String, f64>,
 }
 
 impl LogWindow {
@@ -187,6 +211,8 @@ impl LogWindow {
             steps: 0,
             tokens: 0,
             since: Instant::now(),
+            extra: BTreeMap::new(),
+            eval: BTreeMap::new(),
         }
     }
 
@@ -211,6 +237,11 @@ impl LogWindow {
             grad_norm: Some(grad_norm),
             tokens_per_second: Some(self.tokens as f64 / elapsed),
             eval_loss,
+            extra: std::mem::take(&mut self.extra)
+                .into_iter()
+                .map(|(k, (sum, n))| (k, sum / n.max(1) as f64))
+                .chain(std::mem::take(&mut self.eval))
+                .collect(),
         };
         *self = Self::new();
         record

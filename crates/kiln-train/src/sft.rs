@@ -21,168 +21,39 @@
 //! (`adapter_config.json` + `adapter_model.safetensors`) or, for full fine-tuning, a complete
 //! model directory.
 
-use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::VarBuilder;
-use kiln_core::{Error, ModelDir, Result, SafetensorsWeights, Tokenizer};
-use kiln_model::lora_train::{LoraVar, attach_trainable_lora, make_lora_trainable};
-use kiln_model::{CausalLm, LoraAdapter, LoraConfig, TargetModules};
+use candle_core::Tensor;
+use kiln_core::{Error, Result};
+use kiln_model::CausalLm;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::checkpoint::{Checkpoint, TrainerState};
 use crate::corpus::EpochOrder;
+use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
 use crate::optim::{AdamWConfig, NamedVar};
 use crate::optimizer::Optimizer;
 use crate::run::{RunLog, prepare_output_dir, write_results};
-use crate::schedule::{LrSchedule, ScheduleKind};
+use crate::schedule::LrSchedule;
 use crate::sft_data::{SftDataOptions, SftDataset, SftExample, load_sft_dataset, make_batch};
 
-/// The `kiln sft` config file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SftConfig {
-    /// A model directory, or a hub id (`ORG/NAME[@REVISION]`) in the local Hugging Face cache.
-    pub model_id: String,
-    /// A JSONL/Parquet file or a directory of them, in one of TRL's dataset formats.
-    pub dataset_path: PathBuf,
-    /// Held-out data for `eval_steps`; without it, `eval_split` of `dataset_path` is held out.
-    #[serde(default)]
-    pub eval_dataset_path: Option<PathBuf>,
-    /// The fraction of `dataset_path` held out for evaluation when there is no
-    /// `eval_dataset_path` (0: no evaluation).
-    #[serde(default)]
-    pub eval_split: f64,
-    /// PEFT's `LoraConfig`. Absent: full fine-tuning.
-    #[serde(default)]
-    pub peft_config: Option<PeftConfig>,
-    /// Continue training an existing PEFT adapter directory (its `adapter_config.json` takes the
-    /// place of `peft_config`).
-    #[serde(default)]
-    pub adapter_path: Option<PathBuf>,
-    #[serde(default)]
-    pub training_args: TrainingArgs,
-}
+/// `kiln sft`'s config file.
+pub type SftConfig = FineTuneConfig<SftArgs>;
+/// The model `kiln sft` trains.
+pub type SftModel = FineTuneModel;
 
 defaults! {
-    d_r: usize = 8;
-    d_alpha: f64 = 8.0;
     d_true: bool = true;
-    d_bias: String = "none".to_string();
-    d_batch: usize = 8;
-    d_one: usize = 1;
-    d_lr: f64 = 2e-5;
-    d_epochs: f64 = 3.0;
-    d_max_steps: i64 = -1;
-    d_scheduler: String = "linear".to_string();
-    d_beta1: f64 = 0.9;
-    d_beta2: f64 = 0.999;
-    d_eps: f64 = 1e-8;
-    d_max_grad_norm: f64 = 1.0;
-    d_logging_steps: u64 = 10;
-    d_save_steps: u64 = 500;
-    d_seed: u64 = 42;
-    d_output_dir: PathBuf = PathBuf::from("trainer_output");
-    d_max_length: usize = 1024;
-    d_optim: String = "adamw_torch".to_string();
 }
 
-/// PEFT's `LoraConfig` fields, under PEFT's names and defaults.
+/// `SFTConfig`'s keys in `training_args`, under TRL's names and defaults but one:
+/// `assistant_only_loss` is on by default (TRL's is off), so conversations train the
+/// assistant's replies rather than the whole rendered chat.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct PeftConfig {
-    #[serde(default = "d_r")]
-    pub r: usize,
-    #[serde(default = "d_alpha")]
-    pub lora_alpha: f64,
-    #[serde(default)]
-    pub lora_dropout: f64,
-    /// A list of module names, a regex, or `"all-linear"`; PEFT's default for Llama-family
-    /// models is `["q_proj", "v_proj"]`.
-    #[serde(default)]
-    pub target_modules: Option<Value>,
-    #[serde(default)]
-    pub use_rslora: bool,
-    /// Modules trained in full and saved beside the adapter (e.g. `["lm_head"]`).
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
-    #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
-    /// Only `"none"` (PEFT's default): biases stay frozen.
-    #[serde(default = "d_bias")]
-    pub bias: String,
-    /// Only `CAUSAL_LM` (or unset).
-    #[serde(default)]
-    pub task_type: Option<String>,
-    /// Only `true` (PEFT's default): Kaiming-uniform A, zero B.
-    #[serde(default = "d_true")]
-    pub init_lora_weights: bool,
-    #[serde(default)]
-    pub use_dora: bool,
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    #[serde(default)]
-    pub inference_mode: bool,
-}
-
-/// The `TrainingArguments` / `SFTConfig` vocabulary kiln implements, under the same names and
-/// defaults, but one: `assistant_only_loss` is on by default (TRL's is off), so conversations
-/// train the assistant's replies rather than the whole rendered chat. Accepted for compatibility and without effect on the CPU: `bf16`, `fp16`,
-/// `gradient_checkpointing`, `report_to`, `run_name`, `dataloader_num_workers`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TrainingArgs {
-    #[serde(default = "d_output_dir")]
-    pub output_dir: PathBuf,
-    #[serde(default = "d_batch")]
-    pub per_device_train_batch_size: usize,
-    #[serde(default)]
-    pub per_device_eval_batch_size: Option<usize>,
-    #[serde(default = "d_one")]
-    pub gradient_accumulation_steps: usize,
-    /// Optimizer steps; -1 (the default) trains `num_train_epochs` epochs.
-    #[serde(default = "d_max_steps")]
-    pub max_steps: i64,
-    #[serde(default = "d_epochs")]
-    pub num_train_epochs: f64,
-    #[serde(default = "d_lr")]
-    pub learning_rate: f64,
-    #[serde(default = "d_scheduler")]
-    pub lr_scheduler_type: String,
-    #[serde(default)]
-    pub warmup_ratio: f64,
-    #[serde(default)]
-    pub warmup_steps: u64,
-    #[serde(default)]
-    pub weight_decay: f64,
-    #[serde(default = "d_beta1")]
-    pub adam_beta1: f64,
-    #[serde(default = "d_beta2")]
-    pub adam_beta2: f64,
-    #[serde(default = "d_eps")]
-    pub adam_epsilon: f64,
-    #[serde(default = "d_max_grad_norm")]
-    pub max_grad_norm: f64,
-    /// `adamw_torch`, `adamw_8bit`, `paged_adamw_8bit`, `sgd`, … (see [`Optimizer::from_name`]).
-    #[serde(default = "d_optim")]
-    pub optim: String,
-    #[serde(default = "d_logging_steps")]
-    pub logging_steps: u64,
-    /// Defaults to `logging_steps`, as in transformers.
-    #[serde(default)]
-    pub eval_steps: Option<u64>,
-    #[serde(default = "d_save_steps")]
-    pub save_steps: u64,
-    #[serde(default = "d_seed")]
-    pub seed: u64,
-    #[serde(default = "d_max_length")]
-    pub max_length: usize,
+pub struct SftArgs {
     #[serde(default)]
     pub packing: bool,
     /// Loss on completions only for prompt-completion and preference data (TRL's default).
@@ -191,191 +62,21 @@ pub struct TrainingArgs {
     /// Loss on assistant turns only for conversations.
     #[serde(default = "d_true")]
     pub assistant_only_loss: bool,
-    #[serde(default)]
-    pub resume_from_checkpoint: bool,
-    #[serde(default)]
-    pub bf16: bool,
-    #[serde(default)]
-    pub fp16: bool,
-    #[serde(default)]
-    pub gradient_checkpointing: bool,
-    #[serde(default)]
-    pub report_to: Option<Value>,
-    #[serde(default)]
-    pub run_name: Option<String>,
-    #[serde(default)]
-    pub dataloader_num_workers: Option<usize>,
 }
 
-impl Default for TrainingArgs {
-    fn default() -> Self {
-        // Every field has a serde default; an empty mapping is the default.
-        serde_json::from_value(serde_json::json!({})).unwrap_or_else(|_| unreachable!())
-    }
-}
-
-/// PEFT's default `target_modules` for Llama, Mistral and Qwen2.
-const DEFAULT_TARGETS: [&str; 2] = ["q_proj", "v_proj"];
-
-impl PeftConfig {
-    /// The LoRA configuration this describes, checked.
-    pub fn to_lora_config(&self, base_model: &str) -> Result<LoraConfig> {
-        let bad =
-            |key: &str, msg: &str| Err(Error::InvalidInput(format!("peft_config.{key}: {msg}")));
-        if self.r == 0 {
-            return bad("r", "must be at least 1");
-        }
-        if !(0.0..1.0).contains(&self.lora_dropout) {
-            return bad("lora_dropout", "must be in [0, 1)");
-        }
-        if self.bias != "none" {
-            return bad(
-                "bias",
-                "only \"none\" is supported (kiln trains no biases in a LoRA run)",
-            );
-        }
-        if let Some(t) = self.task_type.as_deref().filter(|t| *t != "CAUSAL_LM") {
-            return Err(Error::InvalidInput(format!(
-                "peft_config.task_type: `{t}` is not supported (kiln fine-tunes causal language models: CAUSAL_LM)"
-            )));
-        }
-        if !self.init_lora_weights {
-            return bad(
-                "init_lora_weights",
-                "only true (Kaiming-uniform A, zero B) is supported",
-            );
-        }
-        if self.use_dora {
-            return bad("use_dora", "DoRA is not supported yet");
-        }
-        if self.fan_in_fan_out {
-            return bad(
-                "fan_in_fan_out",
-                "true is for GPT-2 style Conv1D layers, which kiln's models do not have",
-            );
-        }
-        if self.inference_mode {
-            return bad(
-                "inference_mode",
-                "true freezes the adapter: nothing to train",
-            );
-        }
-        let target_modules = match &self.target_modules {
-            None => TargetModules::Names(DEFAULT_TARGETS.map(String::from).to_vec()),
-            Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
-            Some(Value::String(s)) => TargetModules::Regex(s.clone()),
-            Some(Value::Array(items)) => TargetModules::Names(
-                items
-                    .iter()
-                    .map(|v| {
-                        v.as_str().map(str::to_string).ok_or_else(|| {
-                            Error::InvalidInput(format!(
-                                "peft_config.target_modules: expected module names, found {v}"
-                            ))
-                        })
-                    })
-                    .collect::<Result<_>>()?,
-            ),
-            Some(other) => {
-                return Err(Error::InvalidInput(format!(
-                    "peft_config.target_modules: expected a list of module names, a regex or \"all-linear\", found {other}"
-                )));
-            }
-        };
-        let mut config = LoraConfig::new(self.r, self.lora_alpha, target_modules);
-        config.use_rslora = self.use_rslora;
-        config.lora_dropout = self.lora_dropout;
-        config.rank_pattern = self.rank_pattern.clone();
-        config.alpha_pattern = self.alpha_pattern.clone();
-        config.modules_to_save = self.modules_to_save.clone().unwrap_or_default();
-        config.base_model_name_or_path = Some(base_model.to_string());
-        Ok(config)
-    }
+impl MethodArgs for SftArgs {
+    const KEYS: &'static [&'static str] =
+        &["packing", "completion_only_loss", "assistant_only_loss"];
 }
 
 impl SftConfig {
-    /// Reads the YAML file with `--set key=value` overrides (dotted keys reach into
-    /// `training_args.*` and `peft_config.*`).
-    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        crate::yaml::load(path, overrides)
-    }
-
-    /// Checks everything that can be checked before the model and data are read.
-    pub fn validate(&self) -> Result<()> {
-        let t = &self.training_args;
-        let bad = |key: &str, msg: String| {
-            Err(Error::InvalidInput(format!("training_args.{key}: {msg}")))
-        };
-        crate::run::require_nonzero(
-            "training_args.",
-            &[
-                (
-                    "per_device_train_batch_size",
-                    t.per_device_train_batch_size as u64,
-                ),
-                (
-                    "gradient_accumulation_steps",
-                    t.gradient_accumulation_steps as u64,
-                ),
-                ("logging_steps", t.logging_steps),
-                ("save_steps", t.save_steps),
-                ("eval_steps", t.eval_steps.unwrap_or(1)),
-                ("max_length", t.max_length as u64),
-            ],
-        )?;
-        if t.max_length < 2 {
-            return bad("max_length", "must be at least 2".into());
-        }
-        if t.max_steps == 0 || t.max_steps < -1 {
-            return bad(
-                "max_steps",
-                format!(
-                    "{} must be positive, or -1 to train num_train_epochs",
-                    t.max_steps
-                ),
-            );
-        }
-        if t.max_steps == -1 && !(t.num_train_epochs > 0.0 && t.num_train_epochs.is_finite()) {
-            return bad(
-                "num_train_epochs",
-                format!("{} must be positive", t.num_train_epochs),
-            );
-        }
-        if !(t.learning_rate > 0.0 && t.learning_rate.is_finite()) {
-            return bad(
-                "learning_rate",
-                format!("{} must be positive", t.learning_rate),
-            );
-        }
-        if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            return bad("warmup_ratio", "must be in [0, 1]".into());
-        }
-        if !(0.0..1.0).contains(&self.eval_split) {
-            return Err(Error::InvalidInput("eval_split: must be in [0, 1)".into()));
-        }
-        t.lr_scheduler_type
-            .parse::<ScheduleKind>()
-            .map_err(|e| Error::InvalidInput(format!("training_args.lr_scheduler_type: {e}")))?;
-        Optimizer::from_name(&t.optim, Vec::new(), AdamWConfig::default())
-            .map_err(|e| Error::InvalidInput(format!("training_args.optim: {e}")))?;
-        if self.peft_config.is_some() && self.adapter_path.is_some() {
-            return Err(Error::InvalidInput(
-                "give either peft_config (a new adapter) or adapter_path (continue an existing one), not both".into(),
-            ));
-        }
-        if let Some(p) = &self.peft_config {
-            p.to_lora_config(&self.model_id)?;
-        }
-        Ok(())
-    }
-
     fn data_options(&self) -> SftDataOptions {
         let t = &self.training_args;
         SftDataOptions {
             max_length: t.max_length,
-            packing: t.packing,
-            completion_only_loss: t.completion_only_loss,
-            assistant_only_loss: t.assistant_only_loss,
+            packing: t.method.packing,
+            completion_only_loss: t.method.completion_only_loss,
+            assistant_only_loss: t.method.assistant_only_loss,
         }
     }
 }
@@ -405,116 +106,6 @@ pub struct SftSummary {
     pub loss_curve: Option<PathBuf>,
     /// The adapter (LoRA) or model (full) directory written.
     pub saved: PathBuf,
-}
-
-/// The model being fine-tuned and what trains in it.
-pub struct SftModel {
-    pub model: CausalLm,
-    pub params: Vec<NamedVar>,
-    /// The adapter's configuration in a LoRA run; `None` in full fine-tuning.
-    pub lora: Option<LoraConfig>,
-    pub dir: ModelDir,
-    pub tokenizer: Tokenizer,
-}
-
-impl SftModel {
-    /// Loads `cfg.model_id` in f32 with the parameters `cfg` trains as variables: adapter
-    /// weights (and `modules_to_save`) with LoRA, every weight without.
-    pub fn load(cfg: &SftConfig) -> Result<Self> {
-        let dir = ModelDir::resolve(&cfg.model_id)?;
-        let model_cfg = dir.config()?;
-        let tokenizer = Tokenizer::from_dir(dir.root())?;
-        let device = Device::Cpu;
-        let weights = SafetensorsWeights::open(&dir.weight_files()?)?;
-        let seed = cfg.training_args.seed;
-
-        let adapter = match &cfg.adapter_path {
-            Some(p) => Some(LoraAdapter::load(p, DType::F32, &device)?),
-            None => None,
-        };
-        let lora = match (&cfg.peft_config, &adapter) {
-            (Some(p), _) => Some(p.to_lora_config(&cfg.model_id)?),
-            (None, Some(a)) => Some(a.config.clone()),
-            (None, None) => None,
-        };
-        let full = lora.is_none();
-        let saves = |name: &str| {
-            let module = name.strip_suffix(".weight").unwrap_or(name);
-            lora.as_ref().is_some_and(|l| l.saves_module(module))
-        };
-
-        let mut tensors: HashMap<String, Tensor> = HashMap::new();
-        let mut params = Vec::new();
-        for name in weights.names() {
-            let mut t = weights.load(name, DType::F32, &device)?;
-            if let Some(saved) = adapter.as_ref().and_then(|a| a.saved_modules.get(name)) {
-                t = saved.to_dtype(DType::F32)?;
-            }
-            if full || saves(name) {
-                let var = Var::from_tensor(&t)?;
-                t = var.as_tensor().clone();
-                params.push(NamedVar::new(
-                    if full {
-                        name.to_string()
-                    } else {
-                        format!("base_model.model.{name}")
-                    },
-                    var,
-                ));
-            }
-            tensors.insert(name.to_string(), t);
-        }
-        let mut model = CausalLm::load(
-            VarBuilder::from_tensors(tensors, DType::F32, &device),
-            &model_cfg,
-        )?;
-        if let Some(l) = &lora {
-            let vars: Vec<LoraVar> = match &adapter {
-                Some(a) => {
-                    a.apply(&mut model)?;
-                    make_lora_trainable(&mut model, l.lora_dropout as f32, seed)?
-                }
-                None => attach_trainable_lora(&mut model, l, seed)?,
-            };
-            params.extend(vars.into_iter().map(|v| NamedVar {
-                name: v.name,
-                var: v.var,
-                decay: true,
-            }));
-        }
-        params.sort_by(|a, b| a.name.cmp(&b.name));
-        Ok(Self {
-            model,
-            params,
-            lora,
-            dir,
-            tokenizer,
-        })
-    }
-
-    pub fn trainable_parameters(&self) -> usize {
-        self.params.iter().map(|p| p.var.elem_count()).sum()
-    }
-
-    /// Writes the result: the adapter (LoRA) or the whole model directory (full).
-    pub fn save(&self, out: &Path) -> Result<()> {
-        match &self.lora {
-            Some(config) => {
-                let adapter = LoraAdapter::from_model(&self.model, config.clone())?;
-                adapter.save(out)?;
-                // TRL saves the tokenizer with the adapter, so the directory serves alone.
-                kiln_model::save::copy_side_files(self.dir.root(), out)?;
-                Ok(())
-            }
-            None => kiln_model::save::save_model_dir(
-                &self.model,
-                self.dir.root(),
-                out,
-                self.model.config().dtype,
-            )
-            .map(|_| ()),
-        }
-    }
 }
 
 /// The per-token negative log-likelihood summed over a batch's trained tokens and divided by
@@ -573,11 +164,7 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
     }
     let sft_model = SftModel::load(cfg)?;
     let tokenizer = &sft_model.tokenizer;
-    let pad_id = tokenizer
-        .token_id("<pad>")
-        .or_else(|| sft_model.model.config().pad_token_id)
-        .or_else(|| tokenizer.eos_token_id())
-        .unwrap_or(0);
+    let pad_id = sft_model.pad_id();
 
     // The whole dataset is read, tokenized and validated before the first step.
     let opts = cfg.data_options();

@@ -469,7 +469,7 @@ fn file_kind(path: &Path) -> Option<FileKind> {
 
 /// Where a row came from, for error messages.
 #[derive(Debug, Clone)]
-struct RowId {
+pub(crate) struct RowId {
     file: Arc<Path>,
     pos: RowPos,
 }
@@ -495,13 +495,13 @@ impl fmt::Display for RowId {
     }
 }
 
-fn invalid(id: &RowId, message: impl fmt::Display) -> Error {
+pub(crate) fn invalid(id: &RowId, message: impl fmt::Display) -> Error {
     Error::InvalidInput(format!("{id}: {message}"))
 }
 
-type RowSink<'a> = dyn FnMut(RowId, Value) -> Result<()> + 'a;
+pub(crate) type RowSink<'a> = dyn FnMut(RowId, Value) -> Result<()> + 'a;
 
-fn for_each_row(file: &Arc<Path>, f: &mut RowSink<'_>) -> Result<()> {
+pub(crate) fn for_each_row(file: &Arc<Path>, f: &mut RowSink<'_>) -> Result<()> {
     let io = |source| Error::Io {
         path: file.to_path_buf(),
         source,
@@ -607,7 +607,7 @@ fn type_name(v: &Value) -> &'static str {
 }
 
 /// "FILE:LINE: expected `what` to be KIND, found TYPE".
-fn expected(id: &RowId, what: impl fmt::Display, kind: &str, found: &Value) -> Error {
+pub(crate) fn expected(id: &RowId, what: impl fmt::Display, kind: &str, found: &Value) -> Error {
     invalid(
         id,
         format!("expected {what} to be {kind}, found {}", type_name(found)),
@@ -616,11 +616,11 @@ fn expected(id: &RowId, what: impl fmt::Display, kind: &str, found: &Value) -> E
 
 /// Nulls mean "absent", as TRL's `remove_none_values` has it: Parquet and Arrow fill the missing
 /// fields of nested structs with them.
-fn strip_nulls(map: &mut Map<String, Value>) {
+pub(crate) fn strip_nulls(map: &mut Map<String, Value>) {
     map.retain(|_, v| !v.is_null());
 }
 
-fn take(id: &RowId, row: &mut Map<String, Value>, key: &str) -> Result<Value> {
+pub(crate) fn take(id: &RowId, row: &mut Map<String, Value>, key: &str) -> Result<Value> {
     row.remove(key)
         .ok_or_else(|| invalid(id, format!("missing `{key}`")))
 }
@@ -640,7 +640,7 @@ fn non_empty_string(id: &RowId, key: &str, value: Value, like: &str) -> Result<S
 }
 
 /// A list of `{"role", "content", ...}` objects; `key` names the column for errors.
-fn parse_messages(id: &RowId, key: &str, value: Value) -> Result<Vec<Value>> {
+pub(crate) fn parse_messages(id: &RowId, key: &str, value: Value) -> Result<Vec<Value>> {
     let Value::Array(items) = value else {
         return Err(expected(
             id,
