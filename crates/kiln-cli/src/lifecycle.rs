@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use kiln_data::{SynthOptions, Task, World, eval_file, read_eval, write_world};
 use kiln_model::{GenerateParams, LoadOptions, LoadedModel, SamplingParams, generate};
+use kiln_train::dpo::{DpoConfig, dpo};
 use kiln_train::pretrain::{PretrainConfig, pretrain};
 use kiln_train::sft::{SftConfig, sft};
 use serde::Serialize;
@@ -49,6 +50,66 @@ struct Report {
     samples: Vec<Sample>,
     /// Held-out pass rates per task before and after SFT.
     sft_tasks: Vec<TaskRow>,
+    dpo: Option<DpoReport>,
+}
+
+/// The stages `kiln lifecycle` runs.
+const STAGES: usize = 7;
+
+#[derive(Debug, Serialize)]
+struct DpoReport {
+    steps: u64,
+    seconds_per_step: f64,
+    /// `rewards/accuracies` on the held-out pairs (`preference/test.jsonl`) before and after.
+    held_out_accuracy_before: f64,
+    held_out_accuracy: f64,
+    held_out_margin: f64,
+    /// Greedy replies to the held-out prompts of every task, DPO against SFT, judged by the
+    /// world's rule reward: wins plus half the ties, over all prompts.
+    win_rate: f64,
+    wins: usize,
+    ties: usize,
+    losses: usize,
+    mean_reward_sft: f64,
+    mean_reward_dpo: f64,
+    reference: String,
+}
+
+/// One model's replies against another's, prompt by prompt, by rule reward.
+struct WinRate {
+    wins: usize,
+    ties: usize,
+    losses: usize,
+    mean_this: f64,
+    mean_other: f64,
+}
+
+impl WinRate {
+    fn new(this: &[Reply], other: &[Reply]) -> Self {
+        let (mut wins, mut ties, mut losses) = (0, 0, 0);
+        for (a, b) in this.iter().zip(other) {
+            match a.reward.partial_cmp(&b.reward) {
+                Some(std::cmp::Ordering::Greater) => wins += 1,
+                Some(std::cmp::Ordering::Less) => losses += 1,
+                _ => ties += 1,
+            }
+        }
+        let mean = |r: &[Reply]| {
+            r.iter().map(|x| f64::from(x.reward)).sum::<f64>() / r.len().max(1) as f64
+        };
+        Self {
+            wins,
+            ties,
+            losses,
+            mean_this: mean(this),
+            mean_other: mean(other),
+        }
+    }
+
+    fn rate(&self) -> f64 {
+        let n = (self.wins + self.ties + self.losses).max(1) as f64;
+        (self.wins as f64 + 0.5 * self.ties as f64) / n
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -103,7 +164,16 @@ struct Sample {
 pub fn run(args: LifecycleArgs) -> Result<()> {
     let out = &args.out;
     // Every run starts from a clean world and model; only kiln's own subdirectories are removed.
-    for sub in ["data", "model", "sft"] {
+    for sub in [
+        "data",
+        "model",
+        "sft",
+        "sft_merged",
+        "prefs",
+        "reward",
+        "dpo",
+        "ppo",
+    ] {
         let p = out.join(sub);
         if p.exists() {
             std::fs::remove_dir_all(&p).with_context(|| format!("clearing {}", p.display()))?;
@@ -128,7 +198,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             synth.rows("preference/train.jsonl").unwrap_or(0)
         ),
     });
-    eprintln!("[1/4] synth     {}", stages[0].headline);
+    eprintln!("[1/{STAGES}] synth     {}", stages[0].headline);
 
     // 2. Pre-training from scratch on the world's corpus.
     let t = Instant::now();
@@ -151,7 +221,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             summary.tokens_per_second
         ),
     });
-    eprintln!("[2/4] pretrain  {}", stages[1].headline);
+    eprintln!("[2/{STAGES}] pretrain  {}", stages[1].headline);
 
     // 3. Samples, scored against the world: does the model complete "X lives in" with X's town?
     let t = Instant::now();
@@ -168,7 +238,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             100.0 * correct as f64 / samples.len().max(1) as f64
         ),
     });
-    eprintln!("[3/4] sample    {}", stages[2].headline);
+    eprintln!("[3/{STAGES}] sample    {}", stages[2].headline);
 
     // 4. LoRA fine-tuning on the world's conversations, scored on held-out tasks before and after.
     let t = Instant::now();
@@ -198,7 +268,61 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
                 .join(", ")
         ),
     });
-    eprintln!("[4/4] sft       {}", stages[3].headline);
+    eprintln!("[4/{STAGES}] sft       {}", stages[3].headline);
+
+    // 5–7. Alignment on the world's preference pairs, from the SFT model (the adapter merged).
+    let sft_merged = out.join("sft_merged");
+    merge_adapter(&model_dir, &sft_dir, &sft_merged).context("merging the SFT adapter")?;
+    let prefs = chat_preferences(&data_dir, &out.join("prefs"), &world)?;
+
+    let t = Instant::now();
+    let dpo_dir = out.join("dpo");
+    let cfg = dpo_config(&prefs, &sft_merged, &dpo_dir, args.quick, args.seed)?;
+    let dpo_summary = dpo(&cfg, std::io::stderr().is_terminal()).context("stage dpo")?;
+    let sft_replies = replies(&sft_merged, None, &data_dir, &world)?;
+    let dpo_replies = replies(&sft_merged, Some(&dpo_dir), &data_dir, &world)?;
+    let win = WinRate::new(&dpo_replies, &sft_replies);
+    let held_out = |m: &std::collections::BTreeMap<String, f64>| {
+        m.get("rewards/accuracies").copied().unwrap_or(f64::NAN)
+    };
+    let dpo_report = DpoReport {
+        steps: dpo_summary.steps,
+        seconds_per_step: dpo_summary.seconds_per_step,
+        held_out_accuracy_before: held_out(&dpo_summary.eval_metrics_before),
+        held_out_accuracy: held_out(&dpo_summary.eval_metrics),
+        held_out_margin: dpo_summary
+            .eval_metrics
+            .get("rewards/margins")
+            .copied()
+            .unwrap_or(f64::NAN),
+        win_rate: win.rate(),
+        wins: win.wins,
+        ties: win.ties,
+        losses: win.losses,
+        mean_reward_sft: win.mean_other,
+        mean_reward_dpo: win.mean_this,
+        reference: dpo_summary.reference.clone(),
+    };
+    stages.push(StageReport {
+        stage: "dpo",
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline: format!(
+            "LoRA DPO, {} steps; held-out rewards/accuracies {:.0}% → {:.0}%; win rate over SFT {:.0}% ({}W {}T {}L, rule reward {:.2} → {:.2})",
+            dpo_report.steps,
+            100.0 * dpo_report.held_out_accuracy_before,
+            100.0 * dpo_report.held_out_accuracy,
+            100.0 * dpo_report.win_rate,
+            win.wins,
+            win.ties,
+            win.losses,
+            win.mean_other,
+            win.mean_this
+        ),
+    });
+    eprintln!(
+        "[6/{STAGES}] dpo       {}",
+        stages[stages.len() - 1].headline
+    );
 
     let report = Report {
         quick: args.quick,
@@ -206,6 +330,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         stages,
         samples,
         sft_tasks: tasks.rows,
+        dpo: Some(dpo_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -262,15 +387,21 @@ fn sft_config(
     Ok(SftConfig::load(&path, &[])?)
 }
 
+/// A greedy reply to a held-out prompt, scored by the world's rules.
+struct Reply {
+    task: Task,
+    passed: bool,
+    reward: f32,
+}
+
 /// Greedy replies to every held-out prompt of every task, rendered as the SFT data is (system
-/// prompt, user turn, the chat template's generation prompt) and scored by the world's rules:
-/// `(task, passed, examples)` per task.
-fn task_scores(
+/// prompt, user turn, the chat template's generation prompt) and scored by the world's rules.
+fn replies(
     model_dir: &Path,
     adapter: Option<&Path>,
     data_dir: &Path,
     world: &World,
-) -> Result<Vec<(Task, usize, usize)>> {
+) -> Result<Vec<Reply>> {
     let options = LoadOptions {
         adapter: adapter.map(Path::to_path_buf),
         merge_adapter: true,
@@ -286,9 +417,7 @@ fn task_scores(
     let system = world.system_prompt();
     let mut out = Vec::new();
     for task in Task::ALL {
-        let examples = read_eval(&data_dir.join(eval_file(task)))?;
-        let mut passed = 0;
-        for example in &examples {
+        for example in &read_eval(&data_dir.join(eval_file(task)))? {
             let messages = serde_json::json!([
                 {"role": "system", "content": system},
                 {"role": "user", "content": example.prompt},
@@ -297,13 +426,108 @@ fn task_scores(
             let ids = m.tokenizer.encode(&text, false)?;
             let generation = generate(&m.model, &ids, &params, |_| {})?;
             let reply = m.tokenizer.decode(&generation.token_ids, true)?;
-            if kiln_data::rules::passes(task, &kiln_data::score(task, example, &reply, world)) {
-                passed += 1;
-            }
+            let score = kiln_data::score(task, example, &reply, world);
+            out.push(Reply {
+                task,
+                passed: kiln_data::rules::passes(task, &score),
+                reward: kiln_data::rules::reward(&score),
+            });
         }
-        out.push((task, passed, examples.len()));
     }
     Ok(out)
+}
+
+/// `(task, passed, examples)` per task of [`replies`].
+fn task_scores(
+    model_dir: &Path,
+    adapter: Option<&Path>,
+    data_dir: &Path,
+    world: &World,
+) -> Result<Vec<(Task, usize, usize)>> {
+    let all = replies(model_dir, adapter, data_dir, world)?;
+    Ok(Task::ALL
+        .iter()
+        .map(|&task| {
+            let of_task = all.iter().filter(|r| r.task == task);
+            let n = of_task.clone().count();
+            (task, of_task.filter(|r| r.passed).count(), n)
+        })
+        .collect())
+}
+
+/// Folds the SFT adapter into the pre-trained model: the starting point of alignment.
+fn merge_adapter(model_dir: &Path, adapter: &Path, out: &Path) -> Result<()> {
+    let options = LoadOptions {
+        dtype: Some(candle_core::DType::F32),
+        adapter: Some(adapter.to_path_buf()),
+        merge_adapter: true,
+        ..LoadOptions::default()
+    };
+    let m = LoadedModel::load(model_dir.to_str().unwrap_or_default(), &options)?;
+    kiln_model::save_model_dir(&m.model, m.dir.root(), out, m.config.dtype)?;
+    Ok(())
+}
+
+/// The world's preference pairs as conversations, the way the SFT model is used: the system
+/// prompt and the user's text as the prompt, each reply as an assistant turn. Returns the
+/// directory holding `train.jsonl` and `test.jsonl`.
+fn chat_preferences(data_dir: &Path, out: &Path, world: &World) -> Result<PathBuf> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let system = world.system_prompt();
+    for split in ["train", "test"] {
+        let src = data_dir.join(format!("preference/{split}.jsonl"));
+        let text =
+            std::fs::read_to_string(&src).with_context(|| format!("reading {}", src.display()))?;
+        let mut lines = Vec::new();
+        for (i, line) in text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+        {
+            let row: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("{}:{}", src.display(), i + 1))?;
+            let turn = |key: &str| serde_json::json!([{"role": "assistant", "content": row[key]}]);
+            lines.push(
+                serde_json::json!({
+                    "prompt": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": row["prompt"]},
+                    ],
+                    "chosen": turn("chosen"),
+                    "rejected": turn("rejected"),
+                })
+                .to_string(),
+            );
+        }
+        let dst = out.join(format!("{split}.jsonl"));
+        std::fs::write(&dst, lines.join("\n"))
+            .with_context(|| format!("writing {}", dst.display()))?;
+    }
+    Ok(out.to_path_buf())
+}
+
+fn dpo_config(
+    prefs: &Path,
+    model_dir: &Path,
+    out: &Path,
+    quick: bool,
+    seed: u64,
+) -> Result<DpoConfig> {
+    let steps = if quick { 60 } else { 150 };
+    let yaml = format!(
+        "model_id: {}\ndataset_path: {}\neval_dataset_path: {}\npeft_config:\n  r: 16\n  \
+         lora_alpha: 32\n  target_modules: all-linear\ntraining_args:\n  output_dir: {}\n  \
+         per_device_train_batch_size: 8\n  max_steps: {steps}\n  learning_rate: 5.0e-4\n  \
+         lr_scheduler_type: cosine\n  warmup_ratio: 0.05\n  beta: 0.1\n  logging_steps: 10\n  \
+         eval_steps: {steps}\n  save_steps: {steps}\n  max_length: 192\n  seed: {seed}\n",
+        model_dir.display(),
+        prefs.join("train.jsonl").display(),
+        prefs.join("test.jsonl").display(),
+        out.display(),
+    );
+    let path = out.with_extension("yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(DpoConfig::load(&path, &[])?)
 }
 
 fn fact_samples(model_dir: &Path, world: &World) -> Result<Vec<Sample>> {
@@ -398,6 +622,28 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
             100.0 * r.before,
             100.0 * r.after,
             r.examples
+        );
+    }
+    if let Some(d) = &report.dpo {
+        let _ = writeln!(
+            md,
+            "\n## Direct preference optimization (LoRA on the SFT model)\n\n\
+             ![loss curve](dpo/loss_curve.png)\n\n\
+             | held-out rewards/accuracies | held-out margin | win rate over SFT | W / T / L | mean rule reward SFT → DPO |\n\
+             |---|---|---|---|---|\n\
+             | {:.0}% → {:.0}% | {:.3} | {:.0}% | {} / {} / {} | {:.2} → {:.2} |\n\n\
+             Reference: {}. Win rate: greedy replies to every held-out prompt, judged by the \
+             world's rule reward (a win counts 1, a tie ½). Adapter: `dpo/` on `sft_merged/`.",
+            100.0 * d.held_out_accuracy_before,
+            100.0 * d.held_out_accuracy,
+            d.held_out_margin,
+            100.0 * d.win_rate,
+            d.wins,
+            d.ties,
+            d.losses,
+            d.mean_reward_sft,
+            d.mean_reward_dpo,
+            d.reference
         );
     }
     let md_path = out.join("report.md");

@@ -502,3 +502,48 @@ fn adapter_taken_from_a_model_must_match_its_config() {
         .to_string();
     assert!(msg.contains("no LoRA update"), "{msg}");
 }
+
+/// The first element's address of a CPU f32 tensor's storage.
+fn storage_address(t: &Tensor) -> usize {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        candle_core::Storage::Cpu(cpu) => {
+            cpu.as_slice::<f32>().unwrap()[layout.start_offset()..].as_ptr() as usize
+        }
+        _ => unreachable!("the tests run on the CPU"),
+    }
+}
+
+/// DPO's and PPO's reference in a LoRA run is the base with the adapter removed: it must compute
+/// the base model's outputs and hold no second copy of any weight.
+#[test]
+fn without_adapters_is_the_base_on_the_same_storage() {
+    let with = with_adapter(&lora_dir(), false);
+    let base = LoadedModel::load(llama_dir().to_str().unwrap(), &LoadOptions::default()).unwrap();
+    let reference = with.model.without_adapters();
+    assert!(with.model.has_adapters());
+    assert!(!reference.has_adapters());
+
+    let ids = Tensor::new(&[[1u32, 57, 90, 12, 200]], &Device::Cpu).unwrap();
+    let want = base.model.forward(&ids, None).unwrap();
+    let flat = |t: Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = flat(want);
+    let got = flat(reference.forward(&ids, None).unwrap());
+    assert!(max_abs_diff(&got, &want) < 1e-6);
+    let adapted = flat(with.model.forward(&ids, None).unwrap());
+    assert!(
+        max_abs_diff(&adapted, &want) > 1e-4,
+        "the adapter changes the outputs"
+    );
+
+    let policy = with.model.state_dict().unwrap();
+    let frozen = reference.state_dict().unwrap();
+    assert_eq!(policy.len(), frozen.len());
+    for ((name, a), (_, b)) in policy.iter().zip(&frozen) {
+        assert_eq!(
+            storage_address(a),
+            storage_address(b),
+            "{name} is copied, not shared"
+        );
+    }
+}
