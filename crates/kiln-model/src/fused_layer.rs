@@ -72,12 +72,32 @@ impl FusedState {
 
     /// A buffer of exactly `len` values whose contents are unspecified (left from an earlier
     /// use): every caller overwrites all of it.
+    ///
+    /// Sequence lengths change from batch to batch, so a pooled buffer is reused whatever its
+    /// size: the smallest that holds `len`, or else the largest, grown. Every call thus takes a
+    /// pooled buffer when there is one, and the pool never holds more buffers than were once in
+    /// use together (matching sizes exactly instead let a new buffer join the pool at every new
+    /// length: memory grew step after step).
     fn take(&self, len: usize) -> Vec<f32> {
         let reused = self.pool.lock().ok().and_then(|mut pool| {
-            let i = pool.iter().position(|b| b.len() == len)?;
+            let fits = pool
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.capacity() >= len)
+                .min_by_key(|(_, b)| b.capacity());
+            let i = fits
+                .or_else(|| pool.iter().enumerate().max_by_key(|(_, b)| b.capacity()))?
+                .0;
             Some(pool.swap_remove(i))
         });
-        reused.unwrap_or_else(|| vec![0f32; len])
+        match reused {
+            // Shrinking keeps the old values; growing fills only the new tail.
+            Some(mut buffer) => {
+                buffer.resize(len, 0.0);
+                buffer
+            }
+            None => vec![0f32; len],
+        }
     }
 
     /// Returns buffers to the pool. The pool never holds more than the most buffers that were
@@ -678,5 +698,26 @@ impl CustomOp2 for FusedDecoderLayer {
             .then(|| Tensor::from_vec(dx, x.shape(), x.device()))
             .transpose()?;
         Ok((dx, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FusedState;
+
+    /// Batches of varying lengths reuse the pooled buffers instead of adding new ones.
+    #[test]
+    fn the_buffer_pool_stays_bounded_when_lengths_change() {
+        let state = FusedState::default();
+        for step in 0..50 {
+            let lens = [100 + step * 7, 50 + step, 300 - step];
+            let buffers: Vec<Vec<f32>> = lens.iter().map(|&l| state.take(l)).collect();
+            for (b, &l) in buffers.iter().zip(&lens) {
+                assert_eq!(b.len(), l);
+            }
+            state.give(buffers);
+        }
+        let pool = state.pool.lock().map(|p| p.len()).unwrap_or(usize::MAX);
+        assert!(pool <= 3, "{pool} buffers pooled for 3 in use at once");
     }
 }
