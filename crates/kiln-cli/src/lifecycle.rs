@@ -17,6 +17,7 @@ use clap::Args;
 use kiln_data::{SynthOptions, Task, World, eval_file, read_eval, write_world};
 use kiln_model::{GenerateParams, LoadOptions, LoadedModel, SamplingParams, generate};
 use kiln_train::dpo::{DpoConfig, dpo};
+use kiln_train::reward::{RewardConfig, reward};
 use kiln_train::pretrain::{PretrainConfig, pretrain};
 use kiln_train::sft::{SftConfig, sft};
 use serde::Serialize;
@@ -50,7 +51,20 @@ struct Report {
     samples: Vec<Sample>,
     /// Held-out pass rates per task before and after SFT.
     sft_tasks: Vec<TaskRow>,
+    reward: Option<RewardReport>,
     dpo: Option<DpoReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct RewardReport {
+    steps: u64,
+    seconds_per_step: f64,
+    /// Share of held-out pairs (`preference/test.jsonl`) the reward model scores chosen above
+    /// rejected, before training (a fresh score head) and after.
+    held_out_accuracy_before: f64,
+    held_out_accuracy: f64,
+    held_out_margin: f64,
+    held_out_pairs: usize,
 }
 
 /// The stages `kiln lifecycle` runs.
@@ -275,6 +289,34 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     merge_adapter(&model_dir, &sft_dir, &sft_merged).context("merging the SFT adapter")?;
     let prefs = chat_preferences(&data_dir, &out.join("prefs"), &world)?;
 
+    // 5. A reward model on the pairs, scored on held-out pairs.
+    let t = Instant::now();
+    let reward_dir = out.join("reward");
+    let cfg = reward_config(&prefs, &sft_merged, &reward_dir, args.quick, args.seed)?;
+    let rm = reward(&cfg, std::io::stderr().is_terminal()).context("stage reward")?;
+    let reward_report = RewardReport {
+        steps: rm.steps,
+        seconds_per_step: rm.seconds_per_step,
+        held_out_accuracy_before: rm.eval_accuracy_before.unwrap_or(f64::NAN),
+        held_out_accuracy: rm.eval_accuracy.unwrap_or(f64::NAN),
+        held_out_margin: rm.eval_margin.unwrap_or(f64::NAN),
+        held_out_pairs: rm.eval_pairs,
+    };
+    stages.push(StageReport {
+        stage: "reward",
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline: format!(
+            "reward model ({} params, {} steps); held-out preference accuracy {:.0}% → {:.0}% on {} pairs",
+            rm.trainable_parameters,
+            rm.steps,
+            100.0 * reward_report.held_out_accuracy_before,
+            100.0 * reward_report.held_out_accuracy,
+            rm.eval_pairs
+        ),
+    });
+    eprintln!("[5/{STAGES}] reward    {}", stages[stages.len() - 1].headline);
+
+    // 6. DPO from the SFT model.
     let t = Instant::now();
     let dpo_dir = out.join("dpo");
     let cfg = dpo_config(&prefs, &sft_merged, &dpo_dir, args.quick, args.seed)?;
@@ -330,6 +372,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         stages,
         samples,
         sft_tasks: tasks.rows,
+        reward: Some(reward_report),
         dpo: Some(dpo_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
@@ -506,6 +549,31 @@ fn chat_preferences(data_dir: &Path, out: &Path, world: &World) -> Result<PathBu
     Ok(out.to_path_buf())
 }
 
+fn reward_config(
+    prefs: &Path,
+    model_dir: &Path,
+    out: &Path,
+    quick: bool,
+    seed: u64,
+) -> Result<RewardConfig> {
+    // The whole (small) model trains, with its new score head.
+    let steps = if quick { 60 } else { 150 };
+    let yaml = format!(
+        "model_id: {}\ndataset_path: {}\neval_dataset_path: {}\ntraining_args:\n  \
+         output_dir: {}\n  per_device_train_batch_size: 8\n  max_steps: {steps}\n  \
+         learning_rate: 1.0e-3\n  lr_scheduler_type: cosine\n  warmup_ratio: 0.05\n  \
+         center_rewards_coefficient: 0.01\n  logging_steps: 10\n  eval_steps: {steps}\n  \
+         save_steps: {steps}\n  max_length: 192\n  seed: {seed}\n",
+        model_dir.display(),
+        prefs.join("train.jsonl").display(),
+        prefs.join("test.jsonl").display(),
+        out.display(),
+    );
+    let path = out.with_extension("yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(RewardConfig::load(&path, &[])?)
+}
+
 fn dpo_config(
     prefs: &Path,
     model_dir: &Path,
@@ -622,6 +690,19 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
             100.0 * r.before,
             100.0 * r.after,
             r.examples
+        );
+    }
+    if let Some(r) = &report.reward {
+        let _ = writeln!(
+            md,
+            "\n## Reward model\n\n![loss curve](reward/loss_curve.png)\n\n\
+             A `LlamaForSequenceClassification` (`reward/`, loads in transformers) trained on the \
+             preference pairs with the Bradley–Terry loss. Held-out preference accuracy: \
+             {:.0}% before training, {:.0}% after (margin {:.3}) on {} pairs.",
+            100.0 * r.held_out_accuracy_before,
+            100.0 * r.held_out_accuracy,
+            r.held_out_margin,
+            r.held_out_pairs
         );
     }
     if let Some(d) = &report.dpo {

@@ -19,6 +19,7 @@ pub mod lora_train;
 pub mod loss;
 pub mod ops;
 pub mod rope;
+pub mod reward;
 pub mod sampling;
 pub mod save;
 pub mod transformer;

@@ -479,7 +479,7 @@ pub fn dpo_loss(
 /// Where the reference log-probs come from.
 enum Reference {
     /// A model run alongside the policy: the adapter-free base view or a frozen copy.
-    Model(CausalLm),
+    Model(Box<CausalLm>),
     /// Precomputed `(chosen, rejected)` per training and evaluation pair.
     Precomputed {
         train: Vec<(f64, f64)>,
@@ -842,7 +842,7 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
     } else {
         let (m, s) = reference_model(cfg, &policy)?;
         shared = s;
-        Reference::Model(m)
+        Reference::Model(Box::new(m))
     };
     let reference_weight_copies = usize::from(matches!(reference, Reference::Model(_)) && !shared);
 

@@ -21,12 +21,18 @@ macro_rules! defaults {
 
 pub mod checkpoint;
 pub mod corpus;
+pub mod dpo;
+pub mod finetune;
 pub mod grads;
 pub mod metrics;
 pub mod optim;
 pub mod optim8bit;
 pub mod optimizer;
+pub mod ppo;
+pub mod ppo_reward;
+pub mod pref_data;
 pub mod pretrain;
+pub mod reward;
 mod run;
 pub mod schedule;
 pub mod sft;

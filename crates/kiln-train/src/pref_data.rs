@@ -223,7 +223,7 @@ pub fn load_preference_dataset(
         )));
     }
     let files = dataset_files(path)?;
-    let mut rows: Vec<(RowId, std::result::Result<(Pair, Option<f64>), Invalid>)> = Vec::new();
+    let mut rows: Vec<(RowId, Parsed)> = Vec::new();
     let mut kind: Option<(bool, RowId)> = None;
     for file in &files {
         let file: Arc<Path> = Arc::from(file.as_path());
@@ -341,12 +341,11 @@ fn fits(
     }
 }
 
+/// A parsed row: the pair and its `margin`, or why it is invalid.
+type Parsed = std::result::Result<(Pair, Option<f64>), Invalid>;
+
 /// Parses one row; an invalid pair is `Ok(Err(..))`, a malformed row an error.
-#[allow(clippy::type_complexity)]
-fn parse_row(
-    id: &RowId,
-    value: Value,
-) -> Result<std::result::Result<(Pair, Option<f64>), Invalid>> {
+fn parse_row(id: &RowId, value: Value) -> Result<Parsed> {
     let Value::Object(mut row) = value else {
         return Err(expected(id, "the row", "a JSON object", &value));
     };
