@@ -17,8 +17,9 @@ use clap::Args;
 use kiln_data::{SynthOptions, Task, World, eval_file, read_eval, write_world};
 use kiln_model::{GenerateParams, LoadOptions, LoadedModel, SamplingParams, generate};
 use kiln_train::dpo::{DpoConfig, dpo};
-use kiln_train::reward::{RewardConfig, reward};
+use kiln_train::ppo::{PpoConfig, ppo};
 use kiln_train::pretrain::{PretrainConfig, pretrain};
+use kiln_train::reward::{RewardConfig, reward};
 use kiln_train::sft::{SftConfig, sft};
 use serde::Serialize;
 
@@ -53,6 +54,18 @@ struct Report {
     sft_tasks: Vec<TaskRow>,
     reward: Option<RewardReport>,
     dpo: Option<DpoReport>,
+    ppo: Option<PpoReport>,
+}
+
+#[derive(Debug, Serialize)]
+struct PpoReport {
+    steps: u64,
+    seconds_per_step: f64,
+    /// Mean rule reward of greedy replies to the held-out prompts, before and after.
+    mean_reward_before: f64,
+    mean_reward_after: f64,
+    eval_prompts: usize,
+    final_kl: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -314,7 +327,10 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             rm.eval_pairs
         ),
     });
-    eprintln!("[5/{STAGES}] reward    {}", stages[stages.len() - 1].headline);
+    eprintln!(
+        "[5/{STAGES}] reward    {}",
+        stages[stages.len() - 1].headline
+    );
 
     // 6. DPO from the SFT model.
     let t = Instant::now();
@@ -366,6 +382,36 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         stages[stages.len() - 1].headline
     );
 
+    // 7. PPO from the SFT model against the world's rule reward.
+    let t = Instant::now();
+    let ppo_dir = out.join("ppo");
+    let cfg = ppo_config(&data_dir, &sft_merged, &ppo_dir, args.quick, args.seed)?;
+    let ppo_summary = ppo(&cfg, std::io::stderr().is_terminal()).context("stage ppo")?;
+    let ppo_report = PpoReport {
+        steps: ppo_summary.steps,
+        seconds_per_step: ppo_summary.seconds_per_step,
+        mean_reward_before: ppo_summary.mean_reward_before,
+        mean_reward_after: ppo_summary.mean_reward_after,
+        eval_prompts: ppo_summary.eval_prompts,
+        final_kl: ppo_summary.final_kl,
+    };
+    stages.push(StageReport {
+        stage: "ppo",
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline: format!(
+            "LoRA PPO with the world's rule reward, {} steps ({:.2} s/step); mean reward on {} held-out prompts {:.2} → {:.2}",
+            ppo_summary.steps,
+            ppo_summary.seconds_per_step,
+            ppo_summary.eval_prompts,
+            ppo_summary.mean_reward_before,
+            ppo_summary.mean_reward_after
+        ),
+    });
+    eprintln!(
+        "[7/{STAGES}] ppo       {}",
+        stages[stages.len() - 1].headline
+    );
+
     let report = Report {
         quick: args.quick,
         seed: args.seed,
@@ -374,6 +420,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         sft_tasks: tasks.rows,
         reward: Some(reward_report),
         dpo: Some(dpo_report),
+        ppo: Some(ppo_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -574,6 +621,30 @@ fn reward_config(
     Ok(RewardConfig::load(&path, &[])?)
 }
 
+fn ppo_config(
+    data_dir: &Path,
+    model_dir: &Path,
+    out: &Path,
+    quick: bool,
+    seed: u64,
+) -> Result<PpoConfig> {
+    let steps = if quick { 20 } else { 60 };
+    let yaml = format!(
+        "model_id: {}\ndataset_path: {}\neval_split: 0.2\npeft_config:\n  r: 16\n  \
+         lora_alpha: 32\n  target_modules: all-linear\ntraining_args:\n  output_dir: {}\n  \
+         reward:\n    rule: world\n    world_path: {}\n  per_device_train_batch_size: 16\n  \
+         max_steps: {steps}\n  learning_rate: 1.0e-3\n  response_length: 24\n  \
+         logging_steps: 5\n  save_steps: {steps}\n  seed: {seed}\n",
+        model_dir.display(),
+        data_dir.join("rl/prompts.jsonl").display(),
+        out.display(),
+        data_dir.join("world.json").display(),
+    );
+    let path = out.with_extension("yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(PpoConfig::load(&path, &[])?)
+}
+
 fn dpo_config(
     prefs: &Path,
     model_dir: &Path,
@@ -725,6 +796,22 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
             d.mean_reward_sft,
             d.mean_reward_dpo,
             d.reference
+        );
+    }
+    if let Some(p) = &report.ppo {
+        let _ = writeln!(
+            md,
+            "\n## RLHF with PPO (LoRA on the SFT model)\n\n![loss curve](ppo/loss_curve.png)\n\n\
+             The world's rule reward (correct, formatted, polite, no leak; in [-1, 1]) of greedy \
+             replies to {} held-out prompts: {:.2} before, {:.2} after {} steps ({:.2} s/step{}).",
+            p.eval_prompts,
+            p.mean_reward_before,
+            p.mean_reward_after,
+            p.steps,
+            p.seconds_per_step,
+            p.final_kl
+                .map(|kl| format!("; final KL to the reference {kl:.2} nats"))
+                .unwrap_or_default()
         );
     }
     let md_path = out.join("report.md");

@@ -370,9 +370,15 @@ impl CausalSelfAttention {
     /// Copies per-group results (`[rows, seq, head_dim]` each, in `(batch, group)` order) into a
     /// `[batch · seq, groups · rows · head_dim]` tensor buffer.
     fn scatter(&self, groups: &[&[f32]], rows: usize, n_groups: usize) -> Vec<f32> {
+        let mut out = vec![0f32; self.batch * self.seq * n_groups * rows * self.head_dim];
+        self.scatter_into(groups, rows, n_groups, &mut out);
+        out
+    }
+
+    /// [`Self::scatter`] into `out` (of that size), every value of which it overwrites.
+    fn scatter_into(&self, groups: &[&[f32]], rows: usize, n_groups: usize, out: &mut [f32]) {
         let (t, d) = (self.seq, self.head_dim);
         let width = n_groups * rows * d;
-        let mut out = vec![0f32; self.batch * t * width];
         out.par_chunks_mut(t * width)
             .enumerate()
             .for_each(|(b, batch_out)| {
@@ -385,7 +391,6 @@ impl CausalSelfAttention {
                     }
                 }
             });
-        out
     }
 }
 
@@ -426,17 +431,27 @@ impl CausalSelfAttention {
         self.batch * self.heads * self.seq * self.seq
     }
 
-    /// The forward pass over Q, K, V in the projections' layout: the output, shaped like Q.
-    /// With `probs` (of [`Self::probs_len`] values, contents irrelevant) the probabilities are
-    /// written there for [`Self::backward_f32`], which then need not recompute them.
+    /// The forward pass over Q, K, V in the projections' layout: the output, shaped like Q,
+    /// written over `out` (of Q's size; its contents are irrelevant, so a caller may pass a
+    /// reused buffer). With `probs` (of [`Self::probs_len`] values, contents irrelevant) the
+    /// probabilities are written there for [`Self::backward_f32`], which then need not
+    /// recompute them.
     pub(crate) fn forward_f32(
         &self,
         q: &[f32],
         k: &[f32],
         v: &[f32],
         probs: Option<&mut [f32]>,
-    ) -> Result<Vec<f32>> {
+        out: &mut [f32],
+    ) -> Result<()> {
         self.check_sizes(q.len(), k.len(), v.len())?;
+        if out.len() != q.len() {
+            candle_core::bail!(
+                "fused attention: output buffer of {} for {}",
+                out.len(),
+                q.len()
+            );
+        }
         let scratch = || Scratch::new(self.seq, self.head_dim, false);
         let nkv = self.kv_heads;
         let groups: Vec<Vec<f32>> = match probs {
@@ -460,7 +475,8 @@ impl CausalSelfAttention {
                 .collect::<Result<_>>()?,
         };
         let refs: Vec<&[f32]> = groups.iter().map(Vec::as_slice).collect();
-        Ok(self.scatter(&refs, self.rep(), self.kv_heads))
+        self.scatter_into(&refs, self.rep(), self.kv_heads, out);
+        Ok(())
     }
 
     /// The backward pass for the output gradient `dout`: `∂Q`, `∂K`, `∂V`; `probs` are those
@@ -515,7 +531,8 @@ impl CustomOp3 for CausalSelfAttention {
         let q = contiguous_f32(s1, l1, "fused attention: Q")?;
         let k = contiguous_f32(s2, l2, "fused attention: K")?;
         let v = contiguous_f32(s3, l3, "fused attention: V")?;
-        let out = self.forward_f32(q, k, v, None)?;
+        let mut out = vec![0f32; q.len()];
+        self.forward_f32(q, k, v, None, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
