@@ -356,7 +356,31 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
         .iter()
         .map(|s| s["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(stages, ["synth", "pretrain", "sample", "sft"]);
+    assert_eq!(
+        stages,
+        ["synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo"]
+    );
+    // Alignment: the reward model ranks held-out pairs above chance, DPO raises the held-out
+    // preference accuracy from 0 (policy = reference), and PPO reports its reward before and after.
+    let reward = &report["reward"];
+    assert!(
+        reward["held_out_accuracy"].as_f64().unwrap() > 0.5,
+        "{reward}"
+    );
+    let dpo = &report["dpo"];
+    assert_eq!(dpo["held_out_accuracy_before"].as_f64(), Some(0.0), "{dpo}");
+    assert!(dpo["held_out_accuracy"].as_f64().unwrap() > 0.6, "{dpo}");
+    assert!(dpo["win_rate"].as_f64().unwrap() >= 0.0);
+    let ppo = &report["ppo"];
+    assert!(ppo["mean_reward_before"].is_number() && ppo["mean_reward_after"].is_number());
+    for dir in ["reward", "dpo", "ppo"] {
+        assert!(
+            out.path().join(dir).join("loss_curve.png").is_file(),
+            "{dir}"
+        );
+    }
+    assert!(out.path().join("reward/model.safetensors").is_file());
+    assert!(out.path().join("dpo/adapter_model.safetensors").is_file());
     // SFT teaches the answer format the pre-trained model never saw, and the adapter is PEFT's.
     let format = report["sft_tasks"]
         .as_array()
