@@ -29,18 +29,16 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::checkpoint::{Checkpoint, TrainerState};
+use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-use crate::optim::{AdamWConfig, NamedVar};
-use crate::optimizer::Optimizer;
+use crate::optim::NamedVar;
 use crate::pref_data::{
     InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
     load_preference_dataset,
 };
-use crate::run::{RunLog, io_err, prepare_output_dir, write_results};
-use crate::schedule::LrSchedule;
+use crate::run::{RunLog, io_err, prepare_output_dir, start_state, write_results};
 use crate::sft_data::{SftExample, make_batch};
 
 /// `kiln dpo`'s config file.
@@ -812,15 +810,7 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
     let eval_pairs: &[PreferencePair] = eval.as_ref().map_or(&[], |e| &e.pairs);
 
     let micro = t.per_device_train_batch_size;
-    let per_step = micro * t.gradient_accumulation_steps;
-    let steps_per_epoch = train.pairs.len().div_ceil(per_step) as u64;
-    let max_steps = if t.max_steps > 0 {
-        t.max_steps as u64
-    } else {
-        ((steps_per_epoch as f64) * t.num_train_epochs)
-            .ceil()
-            .max(1.0) as u64
-    };
+    let max_steps = t.total_steps(train.pairs.len());
 
     // The reference: precomputed before any step, or a model beside the policy.
     let mut cache = None;
@@ -853,40 +843,9 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         ..
     } = &policy;
     let eval_model = model.detached();
-    let mut opt = Optimizer::from_name(
-        &t.optim,
-        params.clone(),
-        AdamWConfig {
-            lr: t.learning_rate,
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_epsilon,
-            weight_decay: t.weight_decay,
-        },
-    )
-    .map_err(|e| Error::InvalidInput(format!("training_args.optim: {e}")))?;
-    let schedule = LrSchedule {
-        kind: t.lr_scheduler_type.parse().map_err(Error::InvalidInput)?,
-        base_lr: t.learning_rate,
-        warmup_steps: if t.warmup_steps > 0 {
-            t.warmup_steps
-        } else {
-            LrSchedule::warmup_from_ratio(t.warmup_ratio, max_steps)
-        },
-        total_steps: max_steps,
-    };
-    let mut state = TrainerState {
-        seed: t.seed,
-        ..TrainerState::default()
-    };
-    if let Some(ckpt) = &resume_from {
-        state = ckpt.restore(params, &mut opt)?;
-        eprintln!(
-            "resuming from {} (step {})",
-            ckpt.dir.display(),
-            state.global_step
-        );
-    }
+    let mut opt = t.optimizer(params.clone())?;
+    let schedule = t.schedule(max_steps)?;
+    let mut state = start_state(resume_from.as_ref(), params, &mut opt, t.seed)?;
     let eval_batch = t.per_device_eval_batch_size.unwrap_or(micro);
     let eval_shape = (eval_batch, t.max_length, pad_id);
     let eval_before = if eval_pairs.is_empty() {

@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 
 use crate::optim::{AdamWConfig, NamedVar};
 use crate::optimizer::Optimizer;
-use crate::schedule::ScheduleKind;
+use crate::schedule::{LrSchedule, ScheduleKind};
 
 /// A recipe's own `training_args` keys (`beta`, `loss_type`, … for DPO).
 pub trait MethodArgs: Serialize + DeserializeOwned + Clone + Debug {
@@ -347,6 +347,55 @@ impl PeftConfig {
         config.modules_to_save = self.modules_to_save.clone().unwrap_or_default();
         config.base_model_name_or_path = Some(base_model.to_string());
         Ok(config)
+    }
+}
+
+impl TrainingArgs {
+    /// Optimizer steps of the run: `max_steps`, or `num_train_epochs` over `examples` in
+    /// batches of `per_device_train_batch_size × gradient_accumulation_steps`.
+    pub fn total_steps(&self, examples: usize) -> u64 {
+        if self.max_steps > 0 {
+            return self.max_steps as u64;
+        }
+        let per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps;
+        let steps_per_epoch = examples.div_ceil(per_step.max(1)) as u64;
+        ((steps_per_epoch as f64) * self.num_train_epochs)
+            .ceil()
+            .max(1.0) as u64
+    }
+
+    /// The optimizer `optim` names, over `params`, with the `adam_*` settings.
+    pub fn optimizer(&self, params: Vec<NamedVar>) -> Result<Optimizer> {
+        Optimizer::from_name(
+            &self.optim,
+            params,
+            AdamWConfig {
+                lr: self.learning_rate,
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_epsilon,
+                weight_decay: self.weight_decay,
+            },
+        )
+        .map_err(|e| Error::InvalidInput(format!("training_args.optim: {e}")))
+    }
+
+    /// The learning-rate schedule of a run of `total_steps` (`warmup_steps` wins over
+    /// `warmup_ratio`, as in transformers).
+    pub fn schedule(&self, total_steps: u64) -> Result<LrSchedule> {
+        Ok(LrSchedule {
+            kind: self
+                .lr_scheduler_type
+                .parse()
+                .map_err(Error::InvalidInput)?,
+            base_lr: self.learning_rate,
+            warmup_steps: if self.warmup_steps > 0 {
+                self.warmup_steps
+            } else {
+                LrSchedule::warmup_from_ratio(self.warmup_ratio, total_steps)
+            },
+            total_steps,
+        })
     }
 }
 

@@ -82,18 +82,17 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::checkpoint::{Checkpoint, TrainerState};
+use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
 use crate::grads::{GradAccumulator, clip_grad_norm};
-use crate::optim::{AdamWConfig, NamedVar};
+use crate::optim::NamedVar;
 use crate::optimizer::Optimizer;
 pub use crate::ppo_reward::{
     KlEstimator, PpoPrompt, gae, kl_estimate, load_prompts, masked_whiten, token_rewards,
 };
 use crate::ppo_reward::{RewardFn, RewardSpec, Rollout, whiten_ragged};
-use crate::run::{RunLog, prepare_output_dir, write_results};
-use crate::schedule::LrSchedule;
+use crate::run::{RunLog, prepare_output_dir, start_state, write_results};
 
 /// `kiln ppo`'s config file.
 pub type PpoConfig = FineTuneConfig<PpoArgs>;
@@ -1000,40 +999,9 @@ pub fn ppo_with_reward(
         total_episodes.div_ceil(batch_size as u64).max(1)
     };
 
-    let mut opt = Optimizer::from_name(
-        &t.optim,
-        params.clone(),
-        AdamWConfig {
-            lr: t.learning_rate,
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_epsilon,
-            weight_decay: t.weight_decay,
-        },
-    )
-    .map_err(|e| Error::InvalidInput(format!("training_args.optim: {e}")))?;
-    let schedule = LrSchedule {
-        kind: t.lr_scheduler_type.parse().map_err(Error::InvalidInput)?,
-        base_lr: t.learning_rate,
-        warmup_steps: if t.warmup_steps > 0 {
-            t.warmup_steps
-        } else {
-            LrSchedule::warmup_from_ratio(t.warmup_ratio, max_steps)
-        },
-        total_steps: max_steps,
-    };
-    let mut state = TrainerState {
-        seed: t.seed,
-        ..TrainerState::default()
-    };
-    if let Some(ckpt) = &resume_from {
-        state = ckpt.restore(&params, &mut opt)?;
-        eprintln!(
-            "resuming from {} (step {})",
-            ckpt.dir.display(),
-            state.global_step
-        );
-    }
+    let mut opt = t.optimizer(params.clone())?;
+    let schedule = t.schedule(max_steps)?;
+    let mut state = start_state(resume_from.as_ref(), &params, &mut opt, t.seed)?;
 
     let ctx = Ctx {
         policy: &policy.model,

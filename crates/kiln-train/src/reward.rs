@@ -40,18 +40,16 @@ use kiln_model::reward::{RewardModel, SCORE_WEIGHT};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::json;
 
-use crate::checkpoint::{Checkpoint, TrainerState};
+use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, MethodArgs};
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-use crate::optim::{AdamWConfig, NamedVar};
-use crate::optimizer::Optimizer;
+use crate::optim::NamedVar;
 use crate::pref_data::{
     InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
     load_preference_dataset,
 };
-use crate::run::{RunLog, prepare_output_dir, write_results};
-use crate::schedule::LrSchedule;
+use crate::run::{RunLog, prepare_output_dir, start_state, write_results};
 
 /// `kiln reward`'s config file.
 pub type RewardConfig = FineTuneConfig<RewardArgs>;
@@ -507,51 +505,13 @@ pub fn reward(cfg: &RewardConfig, show_progress: bool) -> Result<RewardSummary> 
 
     let micro = t.per_device_train_batch_size;
     let accumulation = t.gradient_accumulation_steps;
-    let steps_per_epoch = train.pairs.len().div_ceil(micro * accumulation) as u64;
-    let max_steps = if t.max_steps > 0 {
-        t.max_steps as u64
-    } else {
-        ((steps_per_epoch as f64) * t.num_train_epochs)
-            .ceil()
-            .max(1.0) as u64
-    };
+    let max_steps = t.total_steps(train.pairs.len());
 
     let mut trainee = load_trainee(cfg, &dir, pad)?;
     let params = &trainee.params;
-    let mut opt = Optimizer::from_name(
-        &t.optim,
-        params.clone(),
-        AdamWConfig {
-            lr: t.learning_rate,
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_epsilon,
-            weight_decay: t.weight_decay,
-        },
-    )
-    .map_err(|e| Error::InvalidInput(format!("training_args.optim: {e}")))?;
-    let schedule = LrSchedule {
-        kind: t.lr_scheduler_type.parse().map_err(Error::InvalidInput)?,
-        base_lr: t.learning_rate,
-        warmup_steps: if t.warmup_steps > 0 {
-            t.warmup_steps
-        } else {
-            LrSchedule::warmup_from_ratio(t.warmup_ratio, max_steps)
-        },
-        total_steps: max_steps,
-    };
-    let mut state = TrainerState {
-        seed: t.seed,
-        ..TrainerState::default()
-    };
-    if let Some(ckpt) = &resume_from {
-        state = ckpt.restore(params, &mut opt)?;
-        eprintln!(
-            "resuming from {} (step {})",
-            ckpt.dir.display(),
-            state.global_step
-        );
-    }
+    let mut opt = t.optimizer(params.clone())?;
+    let schedule = t.schedule(max_steps)?;
+    let mut state = start_state(resume_from.as_ref(), params, &mut opt, t.seed)?;
 
     let model = &trainee.model;
     let eval_batch = t.per_device_eval_batch_size.unwrap_or(micro);

@@ -8,8 +8,10 @@ use std::time::Instant;
 use kiln_core::{Error, Result};
 use serde::Serialize;
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, TrainerState};
 use crate::metrics::{MetricsLog, MetricsRecord, plot_loss, read_metrics};
+use crate::optim::NamedVar;
+use crate::optimizer::Optimizer;
 
 /// Maps an I/O error on `path` to kiln's error, naming the path.
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -35,6 +37,29 @@ pub(crate) fn prepare_output_dir(
         )));
     }
     Ok(latest)
+}
+
+/// The trainer state to start from: a fresh one for `seed`, or the checkpoint's with `params`
+/// and the optimizer's state restored from it (and a line on stderr saying so).
+pub(crate) fn start_state(
+    resume_from: Option<&Checkpoint>,
+    params: &[NamedVar],
+    opt: &mut Optimizer,
+    seed: u64,
+) -> Result<TrainerState> {
+    let Some(ckpt) = resume_from else {
+        return Ok(TrainerState {
+            seed,
+            ..TrainerState::default()
+        });
+    };
+    let state = ckpt.restore(params, opt)?;
+    eprintln!(
+        "resuming from {} (step {})",
+        ckpt.dir.display(),
+        state.global_step
+    );
+    Ok(state)
 }
 
 /// Checks that every count of `values` (config key, value) is at least 1; errors name the key

@@ -29,14 +29,12 @@ use kiln_core::{Error, Result};
 use kiln_model::CausalLm;
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{Checkpoint, TrainerState};
+use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
 use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-use crate::optim::{AdamWConfig, NamedVar};
-use crate::optimizer::Optimizer;
-use crate::run::{RunLog, prepare_output_dir, write_results};
-use crate::schedule::LrSchedule;
+use crate::optim::NamedVar;
+use crate::run::{RunLog, prepare_output_dir, start_state, write_results};
 use crate::sft_data::{SftDataOptions, SftDataset, SftExample, load_sft_dataset, make_batch};
 
 /// `kiln sft`'s config file.
@@ -187,15 +185,7 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
         )));
     }
     let micro = t.per_device_train_batch_size;
-    let per_step = micro * t.gradient_accumulation_steps;
-    let steps_per_epoch = train.examples.len().div_ceil(per_step) as u64;
-    let max_steps = if t.max_steps > 0 {
-        t.max_steps as u64
-    } else {
-        ((steps_per_epoch as f64) * t.num_train_epochs)
-            .ceil()
-            .max(1.0) as u64
-    };
+    let max_steps = t.total_steps(train.examples.len());
 
     let SftModel {
         model,
@@ -204,40 +194,9 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
         ..
     } = &sft_model;
     let eval_model = model.detached();
-    let mut opt = Optimizer::from_name(
-        &t.optim,
-        params.clone(),
-        AdamWConfig {
-            lr: t.learning_rate,
-            beta1: t.adam_beta1,
-            beta2: t.adam_beta2,
-            eps: t.adam_epsilon,
-            weight_decay: t.weight_decay,
-        },
-    )
-    .map_err(|e| Error::InvalidInput(format!("training_args.optim: {e}")))?;
-    let schedule = LrSchedule {
-        kind: t.lr_scheduler_type.parse().map_err(Error::InvalidInput)?,
-        base_lr: t.learning_rate,
-        warmup_steps: if t.warmup_steps > 0 {
-            t.warmup_steps
-        } else {
-            LrSchedule::warmup_from_ratio(t.warmup_ratio, max_steps)
-        },
-        total_steps: max_steps,
-    };
-    let mut state = TrainerState {
-        seed: t.seed,
-        ..TrainerState::default()
-    };
-    if let Some(ckpt) = &resume_from {
-        state = ckpt.restore(params, &mut opt)?;
-        eprintln!(
-            "resuming from {} (step {})",
-            ckpt.dir.display(),
-            state.global_step
-        );
-    }
+    let mut opt = t.optimizer(params.clone())?;
+    let schedule = t.schedule(max_steps)?;
+    let mut state = start_state(resume_from.as_ref(), params, &mut opt, t.seed)?;
 
     let mut run_log = RunLog::open(
         out,
