@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use kiln_core::{Error, Result};
-use kiln_model::{CausalLm, LoraAdapter};
+use kiln_model::CausalLm;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -497,31 +497,6 @@ fn describe(reference: &Reference, shared: bool) -> &'static str {
     }
 }
 
-/// The frozen reference model of `cfg`: the policy's base with the adapter removed when that is
-/// exactly the initial model (a fresh adapter, no `modules_to_save`), the base with the initial
-/// adapter re-applied as constants when an existing adapter is trained on, and otherwise a
-/// separate frozen load of the weights. The flag says whether the base weights are shared.
-fn reference_model(cfg: &DpoConfig, policy: &FineTuneModel) -> Result<(CausalLm, bool)> {
-    let lora_without_saved = policy
-        .lora
-        .as_ref()
-        .is_some_and(|l| l.modules_to_save.is_empty());
-    if lora_without_saved {
-        let mut base = policy.model.without_adapters();
-        if let Some(path) = &cfg.adapter_path {
-            LoraAdapter::load(path, DType::F32, &Device::Cpu)?.apply(&mut base)?;
-        }
-        return Ok((base, true));
-    }
-    let options = kiln_model::LoadOptions {
-        dtype: Some(DType::F32),
-        adapter: cfg.adapter_path.clone(),
-        ..Default::default()
-    };
-    let loaded = kiln_model::LoadedModel::load(&cfg.model_id, &options)?;
-    Ok((loaded.model, false))
-}
-
 /// The cache key of precomputed reference log-probs: the reference model's files (path, size,
 /// modification time) and every pair's tokens and truncation.
 fn cache_key(
@@ -606,7 +581,7 @@ fn precomputed(
             ));
         }
     }
-    let (model, _) = reference_model(cfg, policy)?;
+    let (model, _) = policy.reference(cfg)?;
     let batch = t
         .method
         .precompute_ref_batch_size
@@ -830,7 +805,7 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         cache_hit = hit;
         r
     } else {
-        let (m, s) = reference_model(cfg, &policy)?;
+        let (m, s) = policy.reference(cfg)?;
         shared = s;
         Reference::Model(Box::new(m))
     };

@@ -576,6 +576,32 @@ impl FineTuneModel {
         })
     }
 
+    /// The frozen reference DPO and PPO compare the policy with: in a LoRA run without
+    /// `modules_to_save`, the policy's own base weights with the adapter removed (PEFT's
+    /// `disable_adapter()`; no copy is made), with the initial adapter re-applied as constants
+    /// when `adapter_path` is trained on; otherwise a separate frozen load of the initial model.
+    /// The flag says whether the base weights are shared with the policy.
+    pub fn reference<M: MethodArgs>(&self, cfg: &FineTuneConfig<M>) -> Result<(CausalLm, bool)> {
+        let shares = self
+            .lora
+            .as_ref()
+            .is_some_and(|l| l.modules_to_save.is_empty());
+        if shares {
+            let mut base = self.model.without_adapters();
+            if let Some(path) = &cfg.adapter_path {
+                LoraAdapter::load(path, DType::F32, &Device::Cpu)?.apply(&mut base)?;
+            }
+            return Ok((base, true));
+        }
+        let options = kiln_model::LoadOptions {
+            dtype: Some(DType::F32),
+            adapter: cfg.adapter_path.clone(),
+            ..Default::default()
+        };
+        let loaded = kiln_model::LoadedModel::load(&cfg.model_id, &options)?;
+        Ok((loaded.model, false))
+    }
+
     /// The id batches are padded with: the tokenizer's `<pad>`, the config's `pad_token_id`,
     /// or EOS (padding is never a target, so any id serves).
     pub fn pad_id(&self) -> u32 {

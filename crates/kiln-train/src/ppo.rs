@@ -73,9 +73,7 @@ use std::time::Instant;
 use candle_core::backprop::GradStore;
 use candle_core::{D, DType, Device, Tensor, Var};
 use kiln_core::{Error, Result, Tokenizer};
-use kiln_model::{
-    CausalLm, GenerateParams, LoadOptions, LoadedModel, LoraAdapter, SamplingParams, generate,
-};
+use kiln_model::{CausalLm, GenerateParams, SamplingParams, generate};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
@@ -414,31 +412,6 @@ impl ValueHead {
             .matmul(&w.t()?)?
             .broadcast_add(&b)?
             .squeeze(1)?)
-    }
-}
-
-/// The frozen reference policy of `cfg`'s run on `policy` (see the module docs): in a LoRA run
-/// without `modules_to_save`, a view of the policy's own base weights.
-pub fn reference_model(cfg: &PpoConfig, policy: &FineTuneModel) -> Result<CausalLm> {
-    let own_modules = policy
-        .lora
-        .as_ref()
-        .is_some_and(|l| !l.modules_to_save.is_empty());
-    match (&policy.lora, &cfg.adapter_path) {
-        (Some(_), None) if !own_modules => Ok(policy.model.without_adapters()),
-        (Some(_), Some(path)) if !own_modules => {
-            let mut reference = policy.model.without_adapters();
-            LoraAdapter::load(path, DType::F32, &Device::Cpu)?.apply(&mut reference)?;
-            Ok(reference)
-        }
-        _ => {
-            let options = LoadOptions {
-                adapter: cfg.adapter_path.clone(),
-                dtype: Some(DType::F32),
-                ..LoadOptions::default()
-            };
-            Ok(LoadedModel::load(&cfg.model_id, &options)?.model)
-        }
     }
 }
 
@@ -971,7 +944,7 @@ pub fn ppo_with_reward(
 
     let mut policy = FineTuneModel::load(cfg)?;
     disable_dropout(&mut policy.model)?;
-    let reference = reference_model(cfg, &policy)?;
+    let (reference, _) = policy.reference(cfg)?;
     let model_cfg = policy.model.config().clone();
     let head = ValueHead::zeros(model_cfg.hidden_size, policy.model.device())?;
     let mut params: Vec<NamedVar> = policy.params.clone();

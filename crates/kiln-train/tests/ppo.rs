@@ -11,7 +11,7 @@ use kiln_train::finetune::FineTuneModel;
 use kiln_train::metrics::read_metrics;
 use kiln_train::ppo::{
     KlEstimator, PpoConfig, clipped_policy_loss, clipped_value_loss, gae, kl_estimate,
-    masked_whiten, ppo, reference_model, token_rewards,
+    masked_whiten, ppo, token_rewards,
 };
 
 fn testdata() -> PathBuf {
@@ -300,7 +300,7 @@ fn the_lora_reference_is_the_policys_own_weights_and_a_full_run_gets_a_copy() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), LORA, "  reward: {regex: a}\n", &[]);
     let policy = FineTuneModel::load(&cfg).unwrap();
-    let reference = reference_model(&cfg, &policy).unwrap();
+    let reference = policy.reference(&cfg).unwrap().0;
     assert!(policy.model.has_adapters() && !reference.has_adapters());
     let (p, r) = (
         policy.model.state_dict().unwrap(),
@@ -320,7 +320,7 @@ fn the_lora_reference_is_the_policys_own_weights_and_a_full_run_gets_a_copy() {
     // Full fine-tuning trains every weight in place: the reference must be its own frozen copy.
     let cfg = config(dir.path(), "", "  reward: {regex: a}\n", &[]);
     let policy = FineTuneModel::load(&cfg).unwrap();
-    let reference = reference_model(&cfg, &policy).unwrap();
+    let reference = policy.reference(&cfg).unwrap().0;
     for ((name, pt), (_, rt)) in policy
         .model
         .state_dict()
