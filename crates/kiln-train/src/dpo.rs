@@ -32,13 +32,12 @@ use sha2::{Digest, Sha256};
 use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
-use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-use crate::optim::NamedVar;
+use crate::grads::GradAccumulator;
 use crate::pref_data::{
     InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
     load_preference_dataset,
 };
-use crate::run::{RunLog, io_err, prepare_output_dir, start_state, write_results};
+use crate::run::{RunLog, io_err, optimizer_step, start_state, write_results};
 use crate::sft_data::{SftExample, make_batch};
 
 /// `kiln dpo`'s config file.
@@ -744,18 +743,7 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
     let t = &cfg.training_args;
     let args = &t.method;
     let out = &t.output_dir;
-    let resume_from = prepare_output_dir(
-        out,
-        t.resume_from_checkpoint,
-        "training_args.resume_from_checkpoint",
-    )?;
-    let full = cfg.peft_config.is_none() && cfg.adapter_path.is_none();
-    if full && out.join("model.safetensors").exists() {
-        return Err(Error::InvalidInput(format!(
-            "output_dir {} already holds a model.safetensors: full fine-tuning writes the model there; choose another output_dir",
-            out.display()
-        )));
-    }
+    let resume_from = cfg.prepare_output_dir()?;
     let policy = FineTuneModel::load_with_dropout(cfg, !args.disable_dropout)?;
     let tokenizer = &policy.tokenizer;
     let pad_id = policy.pad_id();
@@ -887,17 +875,9 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
             acc.add(params, &model.backward(&loss)?)?;
             step_metrics.merge(&metrics);
         }
-        let mut grads = acc.take(params)?;
-        if state.global_step == first_step {
-            let checked: Vec<NamedVar> = params
-                .iter()
-                .filter(|p| !p.name.ends_with("lora_A.weight"))
-                .cloned()
-                .collect();
-            ensure_all_have_gradients(&checked, &grads)?;
-        }
-        let grad_norm = clip_grad_norm(params, &mut grads, t.max_grad_norm)?;
-        opt.step(&grads)?;
+        let grads = acc.take(params)?;
+        let first = state.global_step == first_step;
+        let grad_norm = optimizer_step(params, grads, &mut opt, t.max_grad_norm, first)?;
         state.global_step += 1;
 
         let step = state.global_step;

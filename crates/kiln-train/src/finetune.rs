@@ -406,6 +406,26 @@ impl<M: MethodArgs> FineTuneConfig<M> {
         crate::yaml::load(path, overrides)
     }
 
+    /// Creates `output_dir` and returns its newest checkpoint when the run resumes (see
+    /// [`crate::run`]); refuses to write a fully fine-tuned model over one already there.
+    pub fn prepare_output_dir(&self) -> Result<Option<crate::checkpoint::Checkpoint>> {
+        let t = &self.training_args;
+        let out = &t.output_dir;
+        let resume_from = crate::run::prepare_output_dir(
+            out,
+            t.resume_from_checkpoint,
+            "training_args.resume_from_checkpoint",
+        )?;
+        let full = self.peft_config.is_none() && self.adapter_path.is_none();
+        if full && out.join("model.safetensors").exists() {
+            return Err(Error::InvalidInput(format!(
+                "output_dir {} already holds a model.safetensors: full fine-tuning writes the model there; choose another output_dir",
+                out.display()
+            )));
+        }
+        Ok(resume_from)
+    }
+
     /// Checks everything that can be checked before the model and data are read.
     pub fn validate(&self) -> Result<()> {
         self.training_args.method.validate()?;

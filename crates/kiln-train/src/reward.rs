@@ -43,13 +43,13 @@ use serde_json::json;
 use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, MethodArgs};
-use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
+use crate::grads::GradAccumulator;
 use crate::optim::NamedVar;
 use crate::pref_data::{
     InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
     load_preference_dataset,
 };
-use crate::run::{RunLog, prepare_output_dir, start_state, write_results};
+use crate::run::{RunLog, optimizer_step, prepare_output_dir, start_state, write_results};
 
 /// `kiln reward`'s config file.
 pub type RewardConfig = FineTuneConfig<RewardArgs>;
@@ -559,18 +559,9 @@ pub fn reward(cfg: &RewardConfig, show_progress: bool) -> Result<RewardSummary> 
                 run_log.add_metrics(m.named());
             }
         }
-        let mut grads = acc.take(params)?;
-        if state.global_step == first_step {
-            // A fresh adapter's A has a zero gradient while B is still zero (as in PEFT).
-            let checked: Vec<NamedVar> = params
-                .iter()
-                .filter(|p| !p.name.ends_with("lora_A.weight"))
-                .cloned()
-                .collect();
-            ensure_all_have_gradients(&checked, &grads)?;
-        }
-        let grad_norm = clip_grad_norm(params, &mut grads, t.max_grad_norm)?;
-        opt.step(&grads)?;
+        let grads = acc.take(params)?;
+        let first = state.global_step == first_step;
+        let grad_norm = optimizer_step(params, grads, &mut opt, t.max_grad_norm, first)?;
         state.global_step += 1;
         tokens_trained += step_tokens;
 

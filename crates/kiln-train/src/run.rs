@@ -9,9 +9,11 @@ use kiln_core::{Error, Result};
 use serde::Serialize;
 
 use crate::checkpoint::{Checkpoint, TrainerState};
+use crate::grads::{clip_grad_norm, ensure_all_have_gradients};
 use crate::metrics::{MetricsLog, MetricsRecord, plot_loss, read_metrics};
 use crate::optim::NamedVar;
 use crate::optimizer::Optimizer;
+use candle_core::backprop::GradStore;
 
 /// Maps an I/O error on `path` to kiln's error, naming the path.
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
@@ -60,6 +62,30 @@ pub(crate) fn start_state(
         state.global_step
     );
     Ok(state)
+}
+
+/// One optimizer update from a step's summed gradients: on the run's first step, a check that
+/// every trained tensor was reached by the backward pass (a fresh adapter's `lora_A` excepted:
+/// its gradient is zero while `lora_B` is, as in PEFT), then clipping to `max_grad_norm` and the
+/// step. Returns the gradient norm before clipping.
+pub(crate) fn optimizer_step(
+    params: &[NamedVar],
+    mut grads: GradStore,
+    opt: &mut Optimizer,
+    max_grad_norm: f64,
+    first_step: bool,
+) -> Result<f64> {
+    if first_step {
+        let checked: Vec<NamedVar> = params
+            .iter()
+            .filter(|p| !p.name.ends_with("lora_A.weight"))
+            .cloned()
+            .collect();
+        ensure_all_have_gradients(&checked, &grads)?;
+    }
+    let norm = clip_grad_norm(params, &mut grads, max_grad_norm)?;
+    opt.step(&grads)?;
+    Ok(norm)
 }
 
 /// Checks that every count of `values` (config key, value) is at least 1; errors name the key

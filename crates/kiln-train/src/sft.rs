@@ -32,9 +32,8 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
-use crate::grads::{GradAccumulator, clip_grad_norm, ensure_all_have_gradients};
-use crate::optim::NamedVar;
-use crate::run::{RunLog, prepare_output_dir, start_state, write_results};
+use crate::grads::GradAccumulator;
+use crate::run::{RunLog, optimizer_step, start_state, write_results};
 use crate::sft_data::{SftDataOptions, SftDataset, SftExample, load_sft_dataset, make_batch};
 
 /// `kiln sft`'s config file.
@@ -147,19 +146,7 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
     cfg.validate()?;
     let t = &cfg.training_args;
     let out = &t.output_dir;
-    let resume_from = prepare_output_dir(
-        out,
-        t.resume_from_checkpoint,
-        "training_args.resume_from_checkpoint",
-    )?;
-
-    let full = cfg.peft_config.is_none() && cfg.adapter_path.is_none();
-    if full && out.join("model.safetensors").exists() {
-        return Err(Error::InvalidInput(format!(
-            "output_dir {} already holds a model.safetensors: full fine-tuning writes the model there; choose another output_dir",
-            out.display()
-        )));
-    }
+    let resume_from = cfg.prepare_output_dir()?;
     let sft_model = SftModel::load(cfg)?;
     let tokenizer = &sft_model.tokenizer;
     let pad_id = sft_model.pad_id();
@@ -241,19 +228,9 @@ pub fn sft(cfg: &SftConfig, show_progress: bool) -> Result<SftSummary> {
             step_tokens += batch.iter().map(|e| e.input_ids.len() as u64).sum::<u64>();
             acc.add(params, &model.backward(&loss)?)?;
         }
-        let mut grads = acc.take(params)?;
-        if state.global_step == first_step {
-            // Every trained tensor must be reached by the first backward pass; a fresh adapter's
-            // A is the exception, with a zero gradient while B is still zero (as in PEFT).
-            let checked: Vec<NamedVar> = params
-                .iter()
-                .filter(|p| !p.name.ends_with("lora_A.weight"))
-                .cloned()
-                .collect();
-            ensure_all_have_gradients(&checked, &grads)?;
-        }
-        let grad_norm = clip_grad_norm(params, &mut grads, t.max_grad_norm)?;
-        opt.step(&grads)?;
+        let grads = acc.take(params)?;
+        let first = state.global_step == first_step;
+        let grad_norm = optimizer_step(params, grads, &mut opt, t.max_grad_norm, first)?;
         state.global_step += 1;
         tokens_trained += step_tokens;
 
