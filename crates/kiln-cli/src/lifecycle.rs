@@ -775,6 +775,7 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
         let _ = writeln!(
             md,
             "\n## Reward model\n\n![loss curve](reward/loss_curve.png)\n\n\
+             ![preference accuracy](reward/accuracy.png)\n\n\
              A `LlamaForSequenceClassification` (`reward/`, loads in transformers) trained on the \
              preference pairs with the Bradley–Terry loss. Held-out preference accuracy: \
              {:.0}% before training, {:.0}% after (margin {:.3}) on {} pairs.",
@@ -788,7 +789,7 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
         let _ = writeln!(
             md,
             "\n## Direct preference optimization (LoRA on the SFT model)\n\n\
-             ![loss curve](dpo/loss_curve.png)\n\n\
+             ![loss curve](dpo/loss_curve.png)\n\n![implicit rewards](dpo/rewards.png)\n\n\
              | held-out rewards/accuracies | held-out margin | win rate over SFT | W / T / L | mean rule reward SFT → DPO |\n\
              |---|---|---|---|---|\n\
              | {:.0}% → {:.0}% | {:.3} | {:.0}% | {} / {} / {} | {:.2} → {:.2} |\n\n\
@@ -810,6 +811,7 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
         let _ = writeln!(
             md,
             "\n## RLHF with PPO (LoRA on the SFT model)\n\n![loss curve](ppo/loss_curve.png)\n\n\
+             ![reward](ppo/reward_curve.png)\n\n\
              The world's rule reward (correct, formatted, polite, no leak; in [-1, 1]) of replies \
              sampled at temperature 0.7 (one per prompt, fixed seeds) to {} held-out prompts: \
              {:.2} before, {:.2} after {} steps ({:.2} s/step{}).",

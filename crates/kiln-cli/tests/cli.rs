@@ -373,11 +373,15 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
     assert!(dpo["win_rate"].as_f64().unwrap() >= 0.0);
     let ppo = &report["ppo"];
     assert!(ppo["mean_reward_before"].is_number() && ppo["mean_reward_after"].is_number());
-    for dir in ["reward", "dpo", "ppo"] {
-        assert!(
-            out.path().join(dir).join("loss_curve.png").is_file(),
-            "{dir}"
-        );
+    for plot in [
+        "reward/loss_curve.png",
+        "reward/accuracy.png",
+        "dpo/loss_curve.png",
+        "dpo/rewards.png",
+        "ppo/loss_curve.png",
+        "ppo/reward_curve.png",
+    ] {
+        assert!(out.path().join(plot).is_file(), "{plot}");
     }
     assert!(out.path().join("reward/model.safetensors").is_file());
     assert!(out.path().join("dpo/adapter_model.safetensors").is_file());

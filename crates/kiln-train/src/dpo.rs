@@ -33,6 +33,7 @@ use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
 use crate::grads::GradAccumulator;
+use crate::metrics::plot_metrics;
 use crate::pref_data::{
     InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
     load_preference_dataset,
@@ -658,6 +659,8 @@ pub struct DpoSummary {
     pub wall_seconds: f64,
     pub seconds_per_step: f64,
     pub loss_curve: Option<PathBuf>,
+    /// `rewards.png`: the implicit rewards of chosen and rejected replies and their margin.
+    pub rewards_curve: Option<PathBuf>,
     pub saved: PathBuf,
 }
 
@@ -906,6 +909,20 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
     let train_seconds = train_started.elapsed().as_secs_f64();
     policy.save(out)?;
     let (records, loss_curve) = run_log.finish(out, "kiln dpo")?;
+    let rewards_curve = out.join("rewards.png");
+    let rewards_curve = plot_metrics(
+        &records,
+        &[
+            "rewards/chosen",
+            "rewards/rejected",
+            "rewards/margins",
+            "eval_rewards/margins",
+        ],
+        ("kiln dpo: implicit rewards", "β·log(π/π_ref)"),
+        &rewards_curve,
+    )
+    .ok()
+    .map(|()| rewards_curve);
     let steps_run = state.global_step - first_step;
     let to_map = |m: &DpoMetrics| -> BTreeMap<String, f64> {
         m.means()
@@ -937,6 +954,7 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
         wall_seconds: started.elapsed().as_secs_f64(),
         seconds_per_step: train_seconds / steps_run.max(1) as f64,
         loss_curve,
+        rewards_curve,
         saved: out.clone(),
     };
     write_results(out, &summary)?;

@@ -91,29 +91,102 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
 
 /// Draws training and evaluation loss against the step into a PNG.
 pub fn plot_loss(records: &[MetricsRecord], title: &str, out: &Path) -> Result<()> {
-    let train: Vec<(f64, f64)> = records
+    let train = points(records, |r| r.loss);
+    let eval = points(records, |r| r.eval_loss);
+    let mut series = vec![Series::line("train loss", train, BLUE)];
+    if !eval.is_empty() {
+        series.push(Series::line("eval loss", eval, RED).with_markers());
+    }
+    draw(&series, title, "loss", out)
+}
+
+/// Draws a recipe's metrics (`records[].extra`, e.g. `rewards/chosen`, `objective/scores`)
+/// against the step into a PNG, one line per key that was logged; an `eval_` key is drawn with
+/// markers. An error when none of `keys` was logged.
+pub fn plot_metrics(
+    records: &[MetricsRecord],
+    keys: &[&str],
+    (title, y_desc): (&str, &str),
+    out: &Path,
+) -> Result<()> {
+    const COLORS: [RGBColor; 6] = [
+        BLUE,
+        RED,
+        RGBColor(0, 150, 70),
+        RGBColor(230, 130, 0),
+        MAGENTA,
+        RGBColor(90, 90, 90),
+    ];
+    let series: Vec<Series> = keys
         .iter()
-        .filter_map(|r| Some((r.step as f64, r.loss?)))
+        .map(|&key| points(records, |r| r.extra.get(key).copied()))
+        .zip(keys)
+        .filter(|(p, _)| !p.is_empty())
+        .zip(COLORS.iter().cycle())
+        .map(|((p, &key), &color)| {
+            let line = Series::line(key, p, color);
+            if key.starts_with("eval_") {
+                line.with_markers()
+            } else {
+                line
+            }
+        })
         .collect();
-    let eval: Vec<(f64, f64)> = records
+    draw(&series, title, y_desc, out)
+}
+
+/// `(step, value)` of every record that has the value.
+fn points(
+    records: &[MetricsRecord],
+    value: impl Fn(&MetricsRecord) -> Option<f64>,
+) -> Vec<(f64, f64)> {
+    records
         .iter()
-        .filter_map(|r| Some((r.step as f64, r.eval_loss?)))
-        .collect();
+        .filter_map(|r| Some((r.step as f64, value(r)?)))
+        .filter(|(_, v)| v.is_finite())
+        .collect()
+}
+
+/// One line of a chart.
+struct Series {
+    label: String,
+    points: Vec<(f64, f64)>,
+    color: RGBColor,
+    markers: bool,
+}
+
+impl Series {
+    fn line(label: &str, points: Vec<(f64, f64)>, color: RGBColor) -> Self {
+        Self {
+            label: label.to_string(),
+            points,
+            color,
+            markers: false,
+        }
+    }
+
+    fn with_markers(mut self) -> Self {
+        self.markers = true;
+        self
+    }
+}
+
+/// Draws `series` against the step into a PNG.
+fn draw(series: &[Series], title: &str, y_desc: &str, out: &Path) -> Result<()> {
     let plot_err = |e: String| {
         Error::InvalidInput(format!(
-            "{}: cannot draw the loss curve: {e}",
+            "{}: cannot draw the {y_desc} curve: {e}",
             out.display()
         ))
     };
-    let all = train.iter().chain(&eval);
     let (mut x_max, mut y_min, mut y_max) = (1.0f64, f64::INFINITY, f64::NEG_INFINITY);
-    for &(x, y) in all {
+    for &(x, y) in series.iter().flat_map(|s| &s.points) {
         x_max = x_max.max(x);
         y_min = y_min.min(y);
         y_max = y_max.max(y);
     }
     if !y_min.is_finite() {
-        return Err(plot_err("no losses logged".into()));
+        return Err(plot_err(format!("no {y_desc} logged")));
     }
     let pad = ((y_max - y_min) * 0.05).max(1e-3);
     let root = BitMapBackend::new(out, (900, 540)).into_drawing_area();
@@ -128,23 +201,22 @@ pub fn plot_loss(records: &[MetricsRecord], title: &str, out: &Path) -> Result<(
     chart
         .configure_mesh()
         .x_desc("step")
-        .y_desc("loss")
+        .y_desc(y_desc)
         .draw()
         .map_err(|e| plot_err(e.to_string()))?;
-    chart
-        .draw_series(LineSeries::new(train, BLUE.stroke_width(2)))
-        .map_err(|e| plot_err(e.to_string()))?
-        .label("train loss")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
-    if !eval.is_empty() {
+    for s in series {
+        let style = s.color.stroke_width(2);
         chart
-            .draw_series(LineSeries::new(eval.clone(), RED.stroke_width(2)))
+            .draw_series(LineSeries::new(s.points.clone(), style))
             .map_err(|e| plot_err(e.to_string()))?
-            .label("eval loss")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
-        chart
-            .draw_series(eval.into_iter().map(|p| Circle::new(p, 4, RED.filled())))
-            .map_err(|e| plot_err(e.to_string()))?;
+            .label(s.label.as_str())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
+        if s.markers {
+            let fill = s.color.filled();
+            chart
+                .draw_series(s.points.iter().map(|&p| Circle::new(p, 4, fill)))
+                .map_err(|e| plot_err(e.to_string()))?;
+        }
     }
     chart
         .configure_series_labels()

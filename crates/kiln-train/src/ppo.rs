@@ -84,6 +84,7 @@ use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
 use crate::grads::{GradAccumulator, clip_grad_norm};
+use crate::metrics::plot_metrics;
 use crate::optim::NamedVar;
 use crate::optimizer::Optimizer;
 pub use crate::ppo_reward::{
@@ -309,6 +310,9 @@ pub struct PpoSummary {
     /// Of the training time, the part spent sampling and scoring rollouts.
     pub rollout_seconds: f64,
     pub loss_curve: Option<PathBuf>,
+    /// `reward_curve.png`: the rollouts' scores, the KL-penalized reward and the held-out
+    /// mean reward.
+    pub reward_curve: Option<PathBuf>,
     /// The adapter (LoRA) or model (full) directory written.
     pub saved: PathBuf,
 }
@@ -1069,6 +1073,15 @@ pub fn ppo_with_reward(
 
     policy.save(out)?;
     let (records, loss_curve) = run_log.finish(out, "kiln ppo")?;
+    let reward_curve = out.join("reward_curve.png");
+    let reward_curve = plot_metrics(
+        &records,
+        &["objective/scores", "objective/rlhf_reward", "eval_reward"],
+        ("kiln ppo: reward", "reward"),
+        &reward_curve,
+    )
+    .ok()
+    .map(|()| reward_curve);
     let last = |key: &str| records.iter().rev().find_map(|r| r.extra.get(key).copied());
     let steps_run = state.global_step - first_step;
     let summary = PpoSummary {
@@ -1100,6 +1113,7 @@ pub fn ppo_with_reward(
         seconds_per_step: train_seconds / steps_run.max(1) as f64,
         rollout_seconds,
         loss_curve,
+        reward_curve,
         saved: out.clone(),
     };
     write_results(out, &summary)?;

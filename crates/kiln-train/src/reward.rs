@@ -44,6 +44,7 @@ use crate::checkpoint::Checkpoint;
 use crate::corpus::EpochOrder;
 use crate::finetune::{FineTuneConfig, MethodArgs};
 use crate::grads::GradAccumulator;
+use crate::metrics::plot_metrics;
 use crate::optim::NamedVar;
 use crate::pref_data::{
     InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
@@ -345,6 +346,8 @@ pub struct RewardSummary {
     pub wall_seconds: f64,
     pub seconds_per_step: f64,
     pub loss_curve: Option<PathBuf>,
+    /// `accuracy.png`: training and held-out preference accuracy.
+    pub accuracy_curve: Option<PathBuf>,
     /// The reward-model directory written.
     pub saved: PathBuf,
 }
@@ -585,6 +588,15 @@ pub fn reward(cfg: &RewardConfig, show_progress: bool) -> Result<RewardSummary> 
     }
     trainee.model.save(dir.root(), out)?;
     let (records, loss_curve) = run_log.finish(out, "kiln reward")?;
+    let accuracy_curve = out.join("accuracy.png");
+    let accuracy_curve = plot_metrics(
+        &records,
+        &["accuracy", "eval_accuracy"],
+        ("kiln reward: preference accuracy", "accuracy"),
+        &accuracy_curve,
+    )
+    .ok()
+    .map(|()| accuracy_curve);
     let last_train = records.iter().rev().find(|r| r.loss.is_some());
     let steps_run = state.global_step - first_step;
     let summary = RewardSummary {
@@ -617,6 +629,7 @@ pub fn reward(cfg: &RewardConfig, show_progress: bool) -> Result<RewardSummary> 
         wall_seconds: started.elapsed().as_secs_f64(),
         seconds_per_step: train_seconds / steps_run.max(1) as f64,
         loss_curve,
+        accuracy_curve,
         saved: out.clone(),
     };
     write_results(out, &summary)?;
