@@ -100,5 +100,8 @@ pub fn run(args: DpoArgs) -> Result<()> {
     if let Some(curve) = &summary.loss_curve {
         println!("  loss curve {}", curve.display());
     }
+    if let Some(curve) = &summary.rewards_curve {
+        println!("  rewards curve {}", curve.display());
+    }
     Ok(())
 }

@@ -637,7 +637,11 @@ fn ppo_config(
     // 2e-3, and is what the report compares (greedy replies barely move in that time).
     // The larger default model loses reward at 2e-3 (0.45 → 0.41 over 80 steps) and gains a
     // little at 1e-3 (0.45 → 0.47); the small quick one gains most at 2e-3.
-    let (steps, lr) = if quick { (30, "2.0e-3") } else { (80, "1.0e-3") };
+    let (steps, lr) = if quick {
+        (30, "2.0e-3")
+    } else {
+        (80, "1.0e-3")
+    };
     let yaml = format!(
         "model_id: {}\ndataset_path: {}\neval_split: 0.3\npeft_config:\n  r: 16\n  \
          lora_alpha: 32\n  target_modules: all-linear\ntraining_args:\n  output_dir: {}\n  \
