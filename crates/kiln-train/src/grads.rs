@@ -55,8 +55,8 @@ impl GradAccumulator {
 }
 
 /// `torch.nn.utils.clip_grad_norm_`: scales every gradient by `max_norm / (norm + 1e-6)` when the
-/// global L2 norm exceeds `max_norm`. Returns the norm before clipping (what HF logs as
-/// `grad_norm`).
+/// global L2 norm exceeds `max_norm`, as the HF Trainer calls it: a `max_norm` of 0 (or below)
+/// turns clipping off. Returns the norm before clipping (what HF logs as `grad_norm`).
 pub fn clip_grad_norm(params: &[NamedVar], grads: &mut GradStore, max_norm: f64) -> Result<f64> {
     let mut total = 0f64;
     for p in params {
@@ -70,7 +70,7 @@ pub fn clip_grad_norm(params: &[NamedVar], grads: &mut GradStore, max_norm: f64)
     }
     let norm = total.sqrt();
     let coef = max_norm / (norm + 1e-6);
-    if coef < 1.0 {
+    if max_norm > 0.0 && coef < 1.0 {
         for p in params {
             if let Some(g) = grads.get(p.var.as_tensor()) {
                 let clipped = (g * coef)?;

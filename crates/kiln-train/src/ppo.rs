@@ -829,12 +829,7 @@ fn optimize(
                 check_graph = false;
             }
             // `max_grad_norm` 0 turns clipping off (TRL's PPO never clips); the norm is logged.
-            let limit = if max_grad_norm > 0.0 {
-                max_grad_norm
-            } else {
-                f64::INFINITY
-            };
-            sums.grad_norm += clip_grad_norm(params, &mut grads, limit)?;
+            sums.grad_norm += clip_grad_norm(params, &mut grads, max_grad_norm)?;
             opt.step(&grads)?;
             sums.steps += 1;
         }

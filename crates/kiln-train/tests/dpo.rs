@@ -412,3 +412,54 @@ fn config_errors_name_the_key() {
     assert_eq!(t.method.loss_type.0, vec![LossType::Sigmoid]);
     assert_eq!(t.max_length, 1024);
 }
+
+/// Gradient accumulation is a larger batch: k micro-batches of b pairs take the same step as
+/// one batch of k·b (the loss is the mean over the window's pairs). With SGD the update is the
+/// gradient itself, so a wrong normalisation would show.
+#[test]
+fn accumulated_micro_batches_equal_one_large_batch() {
+    let adapter_after = |batch: &str, accumulation: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(
+            dir.path(),
+            LORA,
+            &[
+                "max_steps=1",
+                "optim=sgd",
+                "learning_rate=0.5",
+                "weight_decay=0.0",
+                "max_grad_norm=0",
+                &format!("per_device_train_batch_size={batch}"),
+                &format!("gradient_accumulation_steps={accumulation}"),
+            ],
+        );
+        dpo(&cfg, false).unwrap();
+        let path = dir.path().join("out/adapter_model.safetensors");
+        let mut tensors: Vec<(String, Tensor)> =
+            candle_core::safetensors::load(&path, &Device::Cpu)
+                .unwrap()
+                .into_iter()
+                .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors
+    };
+    let one = adapter_after("8", "1");
+    let four = adapter_after("2", "4");
+    let mut moved = 0.0f32;
+    for ((name, a), (_, b)) in one.iter().zip(&four) {
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = a.abs().unwrap().max_all().unwrap();
+        let (diff, scale) = (
+            diff.to_scalar::<f32>().unwrap(),
+            scale.to_scalar::<f32>().unwrap(),
+        );
+        assert!(
+            diff <= 1e-5 * scale.max(1e-3),
+            "{name}: {diff} (scale {scale})"
+        );
+        if name.contains("lora_B") {
+            moved = moved.max(scale);
+        }
+    }
+    assert!(moved > 0.0, "the step moved lora_B");
+}

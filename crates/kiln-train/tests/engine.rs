@@ -151,6 +151,20 @@ fn clipping_matches_torch() {
     }
 }
 
+/// `max_grad_norm: 0` turns clipping off, as in the HF Trainer (it never reaches torch's
+/// `clip_grad_norm_`, which would zero every gradient).
+#[test]
+fn a_zero_max_norm_turns_clipping_off() {
+    let a = Var::zeros(2, DType::F32, &Device::Cpu).unwrap();
+    let params = vec![NamedVar::new("a", a.clone())];
+    let mut grads = GradStore::default();
+    let g = Tensor::new(&[3.0f32, -4.0], &Device::Cpu).unwrap();
+    grads.insert(a.as_tensor(), g.clone());
+    let norm = clip_grad_norm(&params, &mut grads, 0.0).unwrap();
+    assert!((norm - 5.0).abs() < 1e-6);
+    assert_eq!(max_diff(grads.get(a.as_tensor()).unwrap(), &g), 0.0);
+}
+
 /// The reference Llama with every weight a trainable variable.
 fn trainable_llama() -> (CausalLm, Vec<NamedVar>) {
     let dir = testdata().join("hf/llama");
