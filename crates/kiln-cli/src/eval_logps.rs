@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::Args;
 use kiln_train::dpo::{Truncation, pair_logps};
-use kiln_train::pref_data::{InvalidPairs, LengthRule, PrefDataOptions, load_preference_dataset};
+use kiln_train::pref_data::{InvalidPairs, PairRecipe, PrefDataOptions, load_preference_dataset};
 
 use crate::model_args::ModelArgs;
 
@@ -39,7 +39,7 @@ pub fn run(args: EvalLogpsArgs) -> Result<()> {
     // Every row is scored: a pair that cannot be is an error naming it, never a silent gap.
     let opts = PrefDataOptions {
         max_length,
-        length_rule: LengthRule::PromptFits,
+        recipe: PairRecipe::Dpo,
         on_invalid: InvalidPairs::Error,
     };
     let data = load_preference_dataset(&args.data, &loaded.tokenizer, &opts)

@@ -35,7 +35,7 @@ use crate::finetune::{FineTuneConfig, FineTuneModel, MethodArgs};
 use crate::grads::GradAccumulator;
 use crate::metrics::plot_metrics;
 use crate::pref_data::{
-    InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
+    InvalidPairs, PairRecipe, PrefDataOptions, PreferenceDataset, PreferencePair,
     load_preference_dataset,
 };
 use crate::run::{RunLog, io_err, optimizer_step, start_state, write_results};
@@ -677,7 +677,7 @@ impl DpoConfig {
         let t = &self.training_args;
         PrefDataOptions {
             max_length: t.max_length,
-            length_rule: LengthRule::PromptFits,
+            recipe: PairRecipe::Dpo,
             on_invalid: t.method.on_invalid_pair,
         }
     }

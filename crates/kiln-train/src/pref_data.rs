@@ -58,21 +58,21 @@ pub enum InvalidPairs {
 /// The recipe the pairs are for, which decides how standard text is tokenized and which pairs
 /// fit `max_length`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LengthRule {
+pub enum PairRecipe {
     /// DPO: prompt and completion (EOS appended) tokenized separately without special tokens
     /// and concatenated; the prompt must leave room for a completion token (TRL's `keep_start`
     /// filter), and longer sequences are cut at `max_length` when batched.
-    PromptFits,
+    Dpo,
     /// Reward modelling: `tokenizer(prompt + completion + eos)` with special tokens, as
     /// `RewardTrainer` encodes it; both whole sequences must fit, as nothing may be cut from the
     /// end a reward is read at.
-    WholeFits,
+    Reward,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PrefDataOptions {
     pub max_length: usize,
-    pub length_rule: LengthRule,
+    pub recipe: PairRecipe,
     pub on_invalid: InvalidPairs,
 }
 
@@ -264,7 +264,7 @@ pub fn load_preference_dataset(
         )));
     }
     let conversational = kind.as_ref().is_some_and(|(c, _)| *c);
-    let encoder = PairEncoder::new(tokenizer, conversational, opts.length_rule)?;
+    let encoder = PairEncoder::new(tokenizer, conversational, opts.recipe)?;
     let encoded: Vec<Result<(std::result::Result<PreferencePair, Invalid>, bool)>> = rows
         .par_iter()
         .map(|(id, parsed)| match parsed {
@@ -323,11 +323,11 @@ fn fits(
 ) -> std::result::Result<PreferencePair, Invalid> {
     let max = opts.max_length;
     let prompt = pair.prompt_ids.len();
-    match opts.length_rule {
-        LengthRule::PromptFits if prompt >= max => Err(Invalid::TooLong(format!(
+    match opts.recipe {
+        PairRecipe::Dpo if prompt >= max => Err(Invalid::TooLong(format!(
             "the prompt is {prompt} tokens, and max_length {max} leaves no room for a completion"
         ))),
-        LengthRule::WholeFits => {
+        PairRecipe::Reward => {
             let longest = prompt + pair.chosen_ids.len().max(pair.rejected_ids.len());
             if longest > max {
                 Err(Invalid::TooLong(format!(
@@ -337,7 +337,7 @@ fn fits(
                 Ok(pair)
             }
         }
-        LengthRule::PromptFits => Ok(pair),
+        PairRecipe::Dpo => Ok(pair),
     }
 }
 
@@ -504,11 +504,11 @@ fn message_pair(
 struct PairEncoder<'a> {
     tokenizer: &'a Tokenizer,
     eos: String,
-    recipe: LengthRule,
+    recipe: PairRecipe,
 }
 
 impl<'a> PairEncoder<'a> {
-    fn new(tokenizer: &'a Tokenizer, conversational: bool, recipe: LengthRule) -> Result<Self> {
+    fn new(tokenizer: &'a Tokenizer, conversational: bool, recipe: PairRecipe) -> Result<Self> {
         let eos = tokenizer.special_token("eos_token").map(str::to_string);
         let eos = match eos {
             Some(eos) => eos,
@@ -555,7 +555,7 @@ impl<'a> PairEncoder<'a> {
                 match self.recipe {
                     // DPO: prompt and completion tokenized separately, without special tokens,
                     // and concatenated.
-                    LengthRule::PromptFits => {
+                    PairRecipe::Dpo => {
                         let prompt_ids = self.tokenizer.encode(prompt, false).map_err(at)?;
                         let completion = |c: &str| -> Result<Vec<u32>> {
                             let ids = self.tokenizer.encode(&with_eos(c), false).map_err(at)?;
@@ -565,7 +565,7 @@ impl<'a> PairEncoder<'a> {
                         (prompt_ids, c, r)
                     }
                     // Reward modelling: `tokenizer(prompt + completion)`, special tokens added.
-                    LengthRule::WholeFits => {
+                    PairRecipe::Reward => {
                         let whole = |c: &str| {
                             self.tokenizer
                                 .encode(&format!("{prompt}{}", with_eos(c)), true)

@@ -47,7 +47,7 @@ use crate::grads::GradAccumulator;
 use crate::metrics::plot_metrics;
 use crate::optim::NamedVar;
 use crate::pref_data::{
-    InvalidPairs, LengthRule, PrefDataOptions, PreferenceDataset, PreferencePair,
+    InvalidPairs, PairRecipe, PrefDataOptions, PreferenceDataset, PreferencePair,
     load_preference_dataset,
 };
 use crate::run::{RunLog, optimizer_step, prepare_output_dir, start_state, write_results};
@@ -111,7 +111,7 @@ impl RewardConfig {
         let t = &self.training_args;
         PrefDataOptions {
             max_length: t.max_length,
-            length_rule: LengthRule::WholeFits,
+            recipe: PairRecipe::Reward,
             on_invalid: t.method.on_invalid_pair,
         }
     }

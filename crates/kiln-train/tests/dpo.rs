@@ -14,7 +14,7 @@ use kiln_train::dpo::{
 };
 use kiln_train::finetune::Args;
 use kiln_train::metrics::read_metrics;
-use kiln_train::pref_data::{InvalidPairs, LengthRule, PrefDataOptions, load_preference_dataset};
+use kiln_train::pref_data::{InvalidPairs, PairRecipe, PrefDataOptions, load_preference_dataset};
 use serde_json::{Value, json};
 
 fn testdata() -> PathBuf {
@@ -35,7 +35,7 @@ fn fixture_rows() -> Vec<Value> {
 fn options(max_length: usize, on_invalid: InvalidPairs) -> PrefDataOptions {
     PrefDataOptions {
         max_length,
-        length_rule: LengthRule::PromptFits,
+        recipe: PairRecipe::Dpo,
         on_invalid,
     }
 }

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use kiln_core::Tokenizer;
 use kiln_model::reward::{RewardModel, SCORE_WEIGHT};
-use kiln_train::pref_data::{InvalidPairs, LengthRule, PrefDataOptions, load_preference_dataset};
+use kiln_train::pref_data::{InvalidPairs, PairRecipe, PrefDataOptions, load_preference_dataset};
 use kiln_train::reward::{RewardConfig, bradley_terry_loss, evaluate, preference_accuracy, reward};
 use serde_json::Value;
 
@@ -163,7 +163,7 @@ fn a_short_run_learns_held_out_preferences() {
     let tokenizer = Tokenizer::from_dir(&out).unwrap();
     let opts = PrefDataOptions {
         max_length: 1024,
-        length_rule: LengthRule::WholeFits,
+        recipe: PairRecipe::Reward,
         on_invalid: InvalidPairs::Error,
     };
     let test =
@@ -253,7 +253,7 @@ fn a_lora_run_saves_a_merged_reward_model() {
     let tokenizer = Tokenizer::from_dir(&out).unwrap();
     let opts = PrefDataOptions {
         max_length: 1024,
-        length_rule: LengthRule::WholeFits,
+        recipe: PairRecipe::Reward,
         on_invalid: InvalidPairs::Error,
     };
     let all = load_preference_dataset(&data, &tokenizer, &opts).unwrap();
