@@ -220,17 +220,17 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     let opts = SynthOptions::sized(args.quick, args.seed);
     let data_dir = out.join("data");
     let synth = write_world(&data_dir, &opts).context("stage synth")?;
-    stages.push(StageReport {
-        stage: "synth",
-        wall_seconds: t.elapsed().as_secs_f64(),
-        headline: format!(
+    finish_stage(
+        &mut stages,
+        "synth",
+        t,
+        format!(
             "{} corpus docs, {} SFT, {} preference pairs",
             synth.rows("corpus/pretrain.jsonl").unwrap_or(0),
             synth.rows("sft/train.jsonl").unwrap_or(0),
             synth.rows("preference/train.jsonl").unwrap_or(0)
         ),
-    });
-    eprintln!("[1/{STAGES}] synth     {}", stages[0].headline);
+    );
 
     // 2. Pre-training from scratch on the world's corpus.
     let t = Instant::now();
@@ -242,18 +242,18 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         args.seed,
     )?;
     let summary = pretrain(&cfg, std::io::stderr().is_terminal()).context("stage pretrain")?;
-    stages.push(StageReport {
-        stage: "pretrain",
-        wall_seconds: t.elapsed().as_secs_f64(),
-        headline: format!(
+    finish_stage(
+        &mut stages,
+        "pretrain",
+        t,
+        format!(
             "{:.2}M params, {} steps, held-out perplexity {:.2}, {:.0} tokens/s",
             summary.parameters as f64 / 1e6,
             summary.steps,
             summary.eval_perplexity.unwrap_or(f64::NAN),
             summary.tokens_per_second
         ),
-    });
-    eprintln!("[2/{STAGES}] pretrain  {}", stages[1].headline);
+    );
 
     // 3. Samples, scored against the world: does the model complete "X lives in" with X's town?
     let t = Instant::now();
@@ -261,16 +261,16 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     let samples = fact_samples(&model_dir, &world)?;
     let correct = samples.iter().filter(|s| s.correct).count();
     let chance = 100.0 / world.towns.len().max(1) as f64;
-    stages.push(StageReport {
-        stage: "sample",
-        wall_seconds: t.elapsed().as_secs_f64(),
-        headline: format!(
+    finish_stage(
+        &mut stages,
+        "sample",
+        t,
+        format!(
             "home-town completion {correct}/{} ({:.0}%; chance {chance:.0}%)",
             samples.len(),
             100.0 * correct as f64 / samples.len().max(1) as f64
         ),
-    });
-    eprintln!("[3/{STAGES}] sample    {}", stages[2].headline);
+    );
 
     // 4. LoRA fine-tuning on the world's conversations, scored on held-out tasks before and after.
     let t = Instant::now();
@@ -280,10 +280,11 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     let sft_summary = sft(&cfg, std::io::stderr().is_terminal()).context("stage sft")?;
     let after = task_scores(&model_dir, Some(&sft_dir), &data_dir, &world)?;
     let tasks = TaskComparison::new(&before, &after);
-    stages.push(StageReport {
-        stage: "sft",
-        wall_seconds: t.elapsed().as_secs_f64(),
-        headline: format!(
+    finish_stage(
+        &mut stages,
+        "sft",
+        t,
+        format!(
             "LoRA {} of {} params, {} steps, {:.2} s/step; held-out answer tasks {:.0}% → {:.0}% ({})",
             sft_summary.trainable_parameters,
             sft_summary.total_parameters,
@@ -299,8 +300,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-    });
-    eprintln!("[4/{STAGES}] sft       {}", stages[3].headline);
+    );
 
     // 5–7. Alignment on the world's preference pairs, from the SFT model (the adapter merged).
     let sft_merged = out.join("sft_merged");
@@ -320,10 +320,11 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         held_out_margin: rm.eval_margin.unwrap_or(f64::NAN),
         held_out_pairs: rm.eval_pairs,
     };
-    stages.push(StageReport {
-        stage: "reward",
-        wall_seconds: t.elapsed().as_secs_f64(),
-        headline: format!(
+    finish_stage(
+        &mut stages,
+        "reward",
+        t,
+        format!(
             "reward model ({} params, {} steps); held-out preference accuracy {:.0}% → {:.0}% on {} pairs",
             rm.trainable_parameters,
             rm.steps,
@@ -331,10 +332,6 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             100.0 * reward_report.held_out_accuracy,
             rm.eval_pairs
         ),
-    });
-    eprintln!(
-        "[5/{STAGES}] reward    {}",
-        stages[stages.len() - 1].headline
     );
 
     // 6. DPO from the SFT model.
@@ -366,10 +363,11 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         mean_reward_dpo: win.mean_this,
         reference: dpo_summary.reference.clone(),
     };
-    stages.push(StageReport {
-        stage: "dpo",
-        wall_seconds: t.elapsed().as_secs_f64(),
-        headline: format!(
+    finish_stage(
+        &mut stages,
+        "dpo",
+        t,
+        format!(
             "LoRA DPO, {} steps; held-out rewards/accuracies {:.0}% → {:.0}%; win rate over SFT {:.0}% ({}W {}T {}L, rule reward {:.2} → {:.2})",
             dpo_report.steps,
             100.0 * dpo_report.held_out_accuracy_before,
@@ -381,10 +379,6 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             win.mean_other,
             win.mean_this
         ),
-    });
-    eprintln!(
-        "[6/{STAGES}] dpo       {}",
-        stages[stages.len() - 1].headline
     );
 
     // 7. PPO from the SFT model against the world's rule reward.
@@ -400,10 +394,11 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         eval_prompts: ppo_summary.eval_prompts,
         final_kl: ppo_summary.final_kl,
     };
-    stages.push(StageReport {
-        stage: "ppo",
-        wall_seconds: t.elapsed().as_secs_f64(),
-        headline: format!(
+    finish_stage(
+        &mut stages,
+        "ppo",
+        t,
+        format!(
             "LoRA PPO with the world's rule reward, {} steps ({:.2} s/step); mean reward of sampled replies to {} held-out prompts {:.2} → {:.2}",
             ppo_summary.steps,
             ppo_summary.seconds_per_step,
@@ -411,10 +406,6 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
             ppo_summary.mean_reward_before,
             ppo_summary.mean_reward_after
         ),
-    });
-    eprintln!(
-        "[7/{STAGES}] ppo       {}",
-        stages[stages.len() - 1].headline
     );
 
     let report = Report {
@@ -431,6 +422,28 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     println!("{}", summary_table(&report));
     println!("report: {}", out.join("report.md").display());
     Ok(())
+}
+
+/// Records a finished stage (started at `t`) and prints its line: `[3/7] sample    …`.
+fn finish_stage(stages: &mut Vec<StageReport>, stage: &'static str, t: Instant, headline: String) {
+    stages.push(StageReport {
+        stage,
+        wall_seconds: t.elapsed().as_secs_f64(),
+        headline,
+    });
+    eprintln!(
+        "[{}/{STAGES}] {stage:<9} {}",
+        stages.len(),
+        stages[stages.len() - 1].headline
+    );
+}
+
+/// Writes a stage's config beside its output directory (`sft/` → `sft.yaml`), where a user
+/// finds it to rerun the stage by hand.
+fn write_config(out: &Path, yaml: &str) -> Result<PathBuf> {
+    let path = out.with_extension("yaml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<PretrainConfig> {
@@ -452,9 +465,7 @@ fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<
         steps / 20,
         steps / 4
     );
-    let path = out.with_extension("yaml");
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-    Ok(PretrainConfig::load(&path, &[])?)
+    Ok(PretrainConfig::load(&write_config(out, &yaml)?, &[])?)
 }
 
 fn sft_config(
@@ -477,9 +488,7 @@ fn sft_config(
         data_dir.join("sft/train.jsonl").display(),
         out.display(),
     );
-    let path = out.with_extension("yaml");
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-    Ok(SftConfig::load(&path, &[])?)
+    Ok(SftConfig::load(&write_config(out, &yaml)?, &[])?)
 }
 
 /// A greedy reply to a held-out prompt, scored by the world's rules.
@@ -621,9 +630,7 @@ fn reward_config(
         prefs.join("test.jsonl").display(),
         out.display(),
     );
-    let path = out.with_extension("yaml");
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-    Ok(RewardConfig::load(&path, &[])?)
+    Ok(RewardConfig::load(&write_config(out, &yaml)?, &[])?)
 }
 
 fn ppo_config(
@@ -654,9 +661,7 @@ fn ppo_config(
         out.display(),
         data_dir.join("world.json").display(),
     );
-    let path = out.with_extension("yaml");
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-    Ok(PpoConfig::load(&path, &[])?)
+    Ok(PpoConfig::load(&write_config(out, &yaml)?, &[])?)
 }
 
 fn dpo_config(
@@ -678,9 +683,7 @@ fn dpo_config(
         prefs.join("test.jsonl").display(),
         out.display(),
     );
-    let path = out.with_extension("yaml");
-    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
-    Ok(DpoConfig::load(&path, &[])?)
+    Ok(DpoConfig::load(&write_config(out, &yaml)?, &[])?)
 }
 
 fn fact_samples(model_dir: &Path, world: &World) -> Result<Vec<Sample>> {
