@@ -463,3 +463,21 @@ fn accumulated_micro_batches_equal_one_large_batch() {
     }
     assert!(moved > 0.0, "the step moved lora_B");
 }
+
+/// Training an existing adapter further: the reference is the base with the *initial* adapter
+/// (as TRL loads a copy of it as the "ref" adapter), so the first loss is again ln 2.
+#[test]
+fn continuing_an_adapter_references_the_initial_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = format!(
+        "adapter_path: {}\n",
+        testdata().join("llama-lora").display()
+    );
+    let cfg = config(dir.path(), &adapter, &["max_steps=3"]);
+    let summary = dpo(&cfg, false).unwrap();
+    assert_eq!(summary.reference_weight_copies, 0, "{}", summary.reference);
+    let records = read_metrics(&dir.path().join("out/metrics.jsonl")).unwrap();
+    let first = records[0].loss.unwrap();
+    assert!((first - std::f64::consts::LN_2).abs() < 1e-5, "{first}");
+    assert!(records[0].extra["logps/chosen"] != 0.0);
+}
