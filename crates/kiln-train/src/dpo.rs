@@ -703,18 +703,20 @@ fn evaluate(
         )?;
         let policy = sequence_logps(model, &b)?;
         let start = i * batch.max(1);
-        let ref_logps = reference_logps(reference, &b, start..start + chunk.len(), true)?;
+        let indices: Vec<usize> = (start..start + chunk.len()).collect();
+        let ref_logps = reference_logps(reference, &b, &indices, true)?;
         let (_, m) = dpo_loss(args, &policy, ref_logps.as_ref(), &b.lengths)?;
         all.merge(&m);
     }
     Ok(all)
 }
 
-/// The reference log-probs `[2B]` of a batch: computed, or looked up by pair index.
+/// The reference log-probs `[2B]` of a batch: computed, or looked up by the indices of its
+/// pairs in the training (or, with `eval`, the evaluation) set.
 fn reference_logps(
     reference: &Reference,
     batch: &PairBatch,
-    indices: std::ops::Range<usize>,
+    indices: &[usize],
     eval: bool,
 ) -> Result<Option<Tensor>> {
     let device = batch.input_ids.device();
@@ -722,7 +724,7 @@ fn reference_logps(
         Reference::Model(m) => Ok(Some(sequence_logps(m, batch)?.detach())),
         Reference::Precomputed { train, eval: e } => {
             let table = if eval { e } else { train };
-            let picked: Vec<(f64, f64)> = indices.map(|i| table[i]).collect();
+            let picked: Vec<(f64, f64)> = indices.iter().map(|&i| table[i]).collect();
             Ok(Some(pair_tensor(&picked, device)?))
         }
         Reference::None => Ok(None),
@@ -865,13 +867,7 @@ pub fn dpo(cfg: &DpoConfig, show_progress: bool) -> Result<DpoSummary> {
             )?;
             step_tokens += batch.input_ids.elem_count() as u64;
             let policy_logps = sequence_logps(model, &batch)?;
-            let ref_logps = match &reference {
-                Reference::Precomputed { train: table, .. } => {
-                    let picked: Vec<(f64, f64)> = indices.iter().map(|&i| table[i]).collect();
-                    Some(pair_tensor(&picked, model.device())?)
-                }
-                other => reference_logps(other, &batch, 0..0, false)?,
-            };
+            let ref_logps = reference_logps(&reference, &batch, &indices, false)?;
             let (loss_sum, metrics) =
                 dpo_loss(args, &policy_logps, ref_logps.as_ref(), &batch.lengths)?;
             let loss = (loss_sum / window)?;

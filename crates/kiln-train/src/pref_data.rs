@@ -194,6 +194,7 @@ enum Pair {
 }
 
 /// Why a pair is invalid, for [`SkippedPair::reason`] (the text before `:` is its kind).
+#[derive(Clone)]
 enum Invalid {
     Empty(&'static str),
     Identical,
@@ -268,9 +269,7 @@ pub fn load_preference_dataset(
     let encoded: Vec<Result<(std::result::Result<PreferencePair, Invalid>, bool)>> = rows
         .par_iter()
         .map(|(id, parsed)| match parsed {
-            Err(Invalid::Empty(k)) => Ok((Err(Invalid::Empty(k)), false)),
-            Err(Invalid::Identical) => Ok((Err(Invalid::Identical), false)),
-            Err(Invalid::TooLong(m)) => Ok((Err(Invalid::TooLong(m.clone())), false)),
+            Err(why) => Ok((Err(why.clone()), false)),
             Ok((pair, margin)) => {
                 let (pair, mismatch) = encoder.encode(id, pair, *margin)?;
                 Ok((fits(pair, opts), mismatch))
