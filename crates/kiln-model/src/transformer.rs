@@ -21,8 +21,8 @@ use crate::rope::{RopeTables, RotaryEmbedding};
 /// Root-mean-square layer norm (Zhang & Sennrich, 2019), computed in f32 as transformers does.
 #[derive(Debug, Clone)]
 pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    pub(crate) weight: Tensor,
+    pub(crate) eps: f64,
 }
 
 impl RmsNorm {
@@ -75,14 +75,14 @@ fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    o_proj: Linear,
-    num_heads: usize,
-    num_kv_heads: usize,
-    head_dim: usize,
+pub(crate) struct Attention {
+    pub(crate) q_proj: Linear,
+    pub(crate) k_proj: Linear,
+    pub(crate) v_proj: Linear,
+    pub(crate) o_proj: Linear,
+    pub(crate) num_heads: usize,
+    pub(crate) num_kv_heads: usize,
+    pub(crate) head_dim: usize,
 }
 
 impl Attention {
@@ -163,10 +163,10 @@ struct LayerContext<'a> {
 }
 
 #[derive(Debug, Clone)]
-struct Mlp {
-    gate_proj: Linear,
-    up_proj: Linear,
-    down_proj: Linear,
+pub(crate) struct Mlp {
+    pub(crate) gate_proj: Linear,
+    pub(crate) up_proj: Linear,
+    pub(crate) down_proj: Linear,
 }
 
 impl Mlp {
@@ -187,11 +187,11 @@ impl Mlp {
 }
 
 #[derive(Debug, Clone)]
-struct DecoderLayer {
-    self_attn: Attention,
-    mlp: Mlp,
-    input_layernorm: RmsNorm,
-    post_attention_layernorm: RmsNorm,
+pub(crate) struct DecoderLayer {
+    pub(crate) self_attn: Attention,
+    pub(crate) mlp: Mlp,
+    pub(crate) input_layernorm: RmsNorm,
+    pub(crate) post_attention_layernorm: RmsNorm,
 }
 
 impl DecoderLayer {
@@ -253,7 +253,7 @@ impl DecoderLayer {
         }
     }
 
-    fn linears(&self) -> [&Linear; 7] {
+    pub(crate) fn linears(&self) -> [&Linear; 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
         [
             &a.q_proj,
@@ -338,16 +338,16 @@ impl DecoderLayer {
 /// A decoder-only language model: `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
-    cfg: ModelConfig,
-    embed_tokens: Tensor,
-    layers: Vec<DecoderLayer>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: RotaryEmbedding,
+    pub(crate) cfg: ModelConfig,
+    pub(crate) embed_tokens: Tensor,
+    pub(crate) layers: Vec<DecoderLayer>,
+    pub(crate) norm: RmsNorm,
+    pub(crate) lm_head: Linear,
+    pub(crate) rope: RotaryEmbedding,
     /// Weight gradients of fused layers (collected by [`CausalLm::backward`]) and their buffers.
-    fused_state: FusedState,
+    pub(crate) fused_state: FusedState,
     /// Whether training passes run each decoder layer as one fused op.
-    fused_layers: bool,
+    pub(crate) fused_layers: bool,
 }
 
 impl CausalLm {

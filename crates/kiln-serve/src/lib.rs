@@ -1,0 +1,14 @@
+//! kiln's inference service: an engine that batches every running request into one forward pass
+//! per step over a paged KV cache, and the OpenAI-compatible HTTP API in front of it.
+
+pub mod engine;
+pub mod metrics;
+mod blocks;
+mod scheduler;
+
+pub use engine::{
+    EngineConfig, EngineHandle, EngineStats, SeqEvent, SeqFinish, SeqRequest, SeqStream,
+    SubmitError, TokenOutput,
+};
+pub use metrics::ServeMetrics;
+pub use scheduler::start_engine;
