@@ -8,8 +8,9 @@
 //! `reward` (a reward model on the preference pairs, with held-out preference accuracy), `dpo`
 //! (LoRA DPO from the SFT model, with held-out `rewards/accuracies` and a win rate over the SFT
 //! model judged by the world's rules) and `ppo` (LoRA PPO from the SFT model against the rule
-//! reward, with the mean reward before and after). Later stages (quantization, serving) add
-//! themselves to [`run`].
+//! reward, with the mean reward before and after) and `serve` (the SFT model with the DPO and PPO
+//! adapters behind `kiln serve`'s HTTP API: streaming chat requests and `kiln bench serve`).
+//! Later stages add themselves to [`run`].
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -59,6 +60,7 @@ struct Report {
     reward: Option<RewardReport>,
     dpo: Option<DpoReport>,
     ppo: Option<PpoReport>,
+    serve: Option<crate::lifecycle_serve::ServeReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,7 +88,7 @@ struct RewardReport {
 }
 
 /// The stages `kiln lifecycle` runs.
-const STAGES: usize = 7;
+const STAGES: usize = 8;
 
 #[derive(Debug, Serialize)]
 struct DpoReport {
@@ -408,6 +410,42 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         ),
     );
 
+    // 8. Serve the SFT model with the DPO and PPO adapters behind the OpenAI API.
+    let t = Instant::now();
+    let questions: Vec<String> = Task::ALL
+        .iter()
+        .filter_map(|&task| {
+            read_eval(&data_dir.join(eval_file(task)))
+                .ok()
+                .and_then(|examples| examples.into_iter().next())
+                .map(|e| e.prompt)
+        })
+        .collect();
+    let serve_report = crate::lifecycle_serve::serve_stage(
+        &sft_merged,
+        "sft",
+        &[("dpo", &dpo_dir), ("ppo", &ppo_dir)],
+        &world.system_prompt(),
+        &questions,
+        args.quick,
+    )
+    .context("stage serve")?;
+    finish_stage(
+        &mut stages,
+        "serve",
+        t,
+        format!(
+            "kiln serve (sft + adapters dpo, ppo): {} streaming chat requests at once, TTFT mean {:.0} ms, {:.0} tokens/s; bench output {:.0} tokens/s at concurrency 1 → {:.0} at {} ({:.1}x)",
+            serve_report.chat_requests,
+            serve_report.ttft_ms_mean,
+            serve_report.burst_tokens_per_s,
+            serve_report.bench_tokens_per_s_1,
+            serve_report.bench_tokens_per_s_n,
+            serve_report.bench_concurrency,
+            serve_report.bench_tokens_per_s_n / serve_report.bench_tokens_per_s_1.max(1e-9)
+        ),
+    );
+
     let report = Report {
         quick: args.quick,
         seed: args.seed,
@@ -417,6 +455,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         reward: Some(reward_report),
         dpo: Some(dpo_report),
         ppo: Some(ppo_report),
+        serve: Some(serve_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -833,6 +872,44 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
                 .map(|kl| format!("; final KL to the reference {kl:.2} nats"))
                 .unwrap_or_default()
         );
+    }
+    if let Some(sv) = &report.serve {
+        let _ = writeln!(
+            md,
+            "\n## Serving\n\n`kiln serve` on a loopback port with the SFT model as `{}` and the \
+             adapters {} beside it (one engine, one batch). {} streaming chat requests sent at \
+             once: time to first token {:.0} ms mean ({:.0} ms max), {} completion tokens at \
+             {:.0} tokens/s. `kiln bench serve` (48-token prompts, EOS ignored): {:.0} output \
+             tokens/s at concurrency 1, {:.0} at concurrency {} (TTFT p50 {:.0} ms, TPOT p50 \
+             {:.1} ms).\n",
+            sv.models[0],
+            sv.models[1..]
+                .iter()
+                .map(|m| format!("`{m}`"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            sv.chat_requests,
+            sv.ttft_ms_mean,
+            sv.ttft_ms_max,
+            sv.completion_tokens,
+            sv.burst_tokens_per_s,
+            sv.bench_tokens_per_s_1,
+            sv.bench_tokens_per_s_n,
+            sv.bench_concurrency,
+            sv.bench_ttft_ms_p50_n,
+            sv.bench_tpot_ms_p50_n
+        );
+        md.push_str("| model | question | reply | TTFT |\n|---|---|---|---|\n");
+        for r in &sv.samples {
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.0} ms |",
+                r.model,
+                r.question.replace('|', "\\|").replace('\n', " "),
+                r.reply.replace('|', "\\|").replace('\n', " "),
+                r.ttft_ms
+            );
+        }
     }
     let md_path = out.join("report.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;

@@ -1,6 +1,7 @@
 //! `kiln`: one binary for a language model's whole life. This commands load, inspect,
 //! run and score Hugging Face checkpoints; training, serving and the rest arrive as subcommands.
 
+mod bench;
 mod data;
 mod dpo;
 mod eval;
@@ -9,11 +10,13 @@ mod eval_reward;
 mod generate;
 mod info;
 mod lifecycle;
+mod lifecycle_serve;
 mod merge;
 mod model_args;
 mod ppo;
 mod pretrain;
 mod reward;
+mod serve;
 mod sft;
 
 use std::process::ExitCode;
@@ -51,6 +54,9 @@ enum Command {
     /// Datasets: the built-in synthetic world.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Benchmarks of a running system: `kiln bench serve` load-tests an OpenAI-compatible server.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
     /// Generate text from a prompt.
     Generate(generate::GenerateArgs),
     /// Evaluate a model.
@@ -70,6 +76,8 @@ enum Command {
     Dpo(dpo::DpoArgs),
     /// RLHF with PPO against a reward model or a rule reward.
     Ppo(ppo::PpoArgs),
+    /// Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API.
+    Serve(serve::ServeArgs),
 }
 
 fn main() -> ExitCode {
@@ -79,6 +87,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Lifecycle(args) => lifecycle::run(args),
         Command::Data(cmd) => data::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
         Command::Generate(args) => generate::run(args),
         Command::Eval(cmd) => eval::run(cmd),
         Command::Info(args) => info::run(args),
@@ -88,6 +97,7 @@ fn main() -> ExitCode {
         Command::Reward(args) => reward::run(args),
         Command::Dpo(args) => dpo::run(args),
         Command::Ppo(args) => ppo::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

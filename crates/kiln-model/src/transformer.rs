@@ -663,6 +663,20 @@ impl CausalLm {
         Ok(())
     }
 
+    /// Lays every dense linear weight out for inference with batches of rows
+    /// ([`Linear::store_transposed`]): measured on a 26M-parameter Llama, a 16-row decode step
+    /// went from 53 ms to a few. The LM head of a tied model gets its own transposed copy of the
+    /// embedding matrix. Not for a model being trained.
+    pub fn store_weights_transposed(&mut self) -> Result<()> {
+        for (_, linear) in self.linears_mut() {
+            linear.store_transposed()?;
+        }
+        if self.cfg.tie_word_embeddings {
+            self.lm_head.store_transposed()?;
+        }
+        Ok(())
+    }
+
     /// Quantizes every decoder linear layer in place (the embedding and LM head stay dense).
     pub fn quantize(&mut self, dtype: candle_core::quantized::GgmlDType) -> Result<()> {
         for (name, linear) in self.linears_mut() {
