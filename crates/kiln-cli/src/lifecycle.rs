@@ -486,7 +486,9 @@ fn write_config(out: &Path, yaml: &str) -> Result<PathBuf> {
 }
 
 fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<PretrainConfig> {
-    // Sized for 2 CPU cores: --quick well under two minutes, the default a few minutes.
+    // Sized for 2 CPU cores: --quick well under two minutes, the default a few minutes. The
+    // context declared in config.json covers the chat prompts of the later stages (SFT trains at
+    // up to 192 positions), which `kiln serve` checks requests against.
     let (hidden, inter, layers, heads, len, steps, batch) = if quick {
         (96, 256, 2, 4, 64, 300, 8)
     } else {
@@ -495,7 +497,8 @@ fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<
     let yaml = format!(
         "dataset_path: {}\noutput_dir: {}\nvocab_size: 768\nhidden_size: {hidden}\n\
          intermediate_size: {inter}\nnum_hidden_layers: {layers}\nnum_attention_heads: {heads}\n\
-         num_key_value_heads: {}\nmax_length: {len}\nper_device_train_batch_size: {batch}\n\
+         num_key_value_heads: {}\nmax_length: {len}\nmax_position_embeddings: 512\n\
+         per_device_train_batch_size: {batch}\n\
          learning_rate: 3.0e-3\nwarmup_steps: {}\nmax_steps: {steps}\nlogging_steps: 10\n\
          eval_steps: {}\nsave_steps: {steps}\nseed: {seed}\n",
         corpus.display(),

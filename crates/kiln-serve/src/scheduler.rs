@@ -47,8 +47,10 @@ pub fn start_engine(
         config.max_model_len
     );
     anyhow::ensure!(
-        config.max_num_seqs > 0 && config.max_batch_tokens > 0,
-        "max_num_seqs and max_batch_tokens must be at least 1"
+        config.max_num_seqs > 0 && config.max_batch_tokens >= config.max_num_seqs,
+        "max_batch_tokens ({}) must be at least max_num_seqs ({}, at least 1): every running sequence needs a token of each step's budget",
+        config.max_batch_tokens,
+        config.max_num_seqs
     );
     let (tx, rx) = std::sync::mpsc::channel();
     let shared = Arc::new(Shared {
