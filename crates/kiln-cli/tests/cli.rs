@@ -358,7 +358,37 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
         .collect();
     assert_eq!(
         stages,
-        ["synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo"]
+        [
+            "synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo", "serve"
+        ]
+    );
+    // Serving: every question reached every model (base and both adapters) over HTTP and came
+    // back, and the benchmark produced tokens at both concurrencies.
+    let serve = &report["serve"];
+    assert_eq!(
+        serve["models"],
+        serde_json::json!(["sft", "dpo", "ppo"]),
+        "{serve}"
+    );
+    let samples = serve["samples"].as_array().unwrap();
+    assert_eq!(
+        samples.len(),
+        serve["chat_requests"].as_u64().unwrap() as usize
+    );
+    assert_eq!(samples.len() % 3, 0);
+    assert!(
+        samples
+            .iter()
+            .all(|s| s["completion_tokens"].as_u64().unwrap() > 0),
+        "{serve}"
+    );
+    assert!(
+        serve["bench_tokens_per_s_1"].as_f64().unwrap() > 0.0,
+        "{serve}"
+    );
+    assert!(
+        serve["bench_tokens_per_s_n"].as_f64().unwrap() > 0.0,
+        "{serve}"
     );
     // Alignment: the reward model ranks held-out pairs above chance, DPO raises the held-out
     // preference accuracy from 0 (policy = reference), and PPO reports its reward before and after.
@@ -411,7 +441,8 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
     assert!(
         md.contains("| pretrain |")
             && md.contains("loss_curve.png")
-            && md.contains("Supervised fine-tuning (LoRA)"),
+            && md.contains("Supervised fine-tuning (LoRA)")
+            && md.contains("## Serving"),
         "{md}"
     );
     assert!(out.path().join("model/loss_curve.png").is_file());
