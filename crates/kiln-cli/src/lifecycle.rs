@@ -61,6 +61,7 @@ struct Report {
     dpo: Option<DpoReport>,
     ppo: Option<PpoReport>,
     serve: Option<crate::lifecycle_serve::ServeReport>,
+    gateway: Option<crate::lifecycle_gateway::GatewayReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,7 +89,7 @@ struct RewardReport {
 }
 
 /// The stages `kiln lifecycle` runs.
-const STAGES: usize = 8;
+const STAGES: usize = 9;
 
 #[derive(Debug, Serialize)]
 struct DpoReport {
@@ -207,6 +208,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         "reward",
         "dpo",
         "ppo",
+        "gateway",
     ] {
         let p = out.join(sub);
         if p.exists() {
@@ -421,7 +423,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
                 .map(|e| e.prompt)
         })
         .collect();
-    let serve_report = crate::lifecycle_serve::serve_stage(
+    let (serve_report, server) = crate::lifecycle_serve::serve_stage(
         &sft_merged,
         "sft",
         &[("dpo", &dpo_dir), ("ppo", &ppo_dir)],
@@ -446,6 +448,34 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         ),
     );
 
+    // 9. The gateway in front of the served models.
+    let t = Instant::now();
+    let gateway_report =
+        crate::lifecycle_gateway::gateway_stage(&server.url(), "dpo", &out.join("gateway"))
+            .context("stage gateway")?;
+    server.shutdown().context("stopping kiln serve")?;
+    let g = &gateway_report;
+    finish_stage(
+        &mut stages,
+        "gateway",
+        t,
+        format!(
+            "kiln gateway → kiln serve: with key {}, no key {}, wrong key {}; repeat {} ({:.1} ms vs {:.1} ms); burst of {} at {} rpm: {} ok, {} × 429 (Retry-After {}); metered ${:.6}",
+            g.authenticated_status,
+            g.no_key_status,
+            g.wrong_key_status,
+            g.repeat_cache,
+            g.repeat_ms,
+            g.first_ms,
+            g.burst,
+            crate::lifecycle_gateway::RPM,
+            g.burst_ok,
+            g.burst_429,
+            g.retry_after.as_deref().unwrap_or("-"),
+            g.cost_usd
+        ),
+    );
+
     let report = Report {
         quick: args.quick,
         seed: args.seed,
@@ -456,6 +486,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         dpo: Some(dpo_report),
         ppo: Some(ppo_report),
         serve: Some(serve_report),
+        gateway: Some(gateway_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -913,6 +944,34 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
                 r.ttft_ms
             );
         }
+    }
+    if let Some(g) = &report.gateway {
+        let _ = writeln!(
+            md,
+            "\n## Gateway\n\n`kiln gateway` (`gateway/gateway.yaml`) in front of `kiln serve`: an API \
+             key with {} requests per minute, the memory rate limiter and response cache, costs \
+             recorded in `gateway/gateway.db`.\n\n\
+             | request | result |\n|---|---|\n\
+             | with the key | {} — \"{}\" ({}, {:.1} ms) |\n\
+             | without a key / with a wrong key | {} / {} |\n\
+             | the same request again | {} ({:.1} ms) |\n\
+             | a burst of {} | {} answered, {} refused with 429 (Retry-After: {}) |\n\n\
+             Metered cost: ${:.6}.",
+            crate::lifecycle_gateway::RPM,
+            g.authenticated_status,
+            g.authenticated_reply.replace('|', "\\|").replace('\n', " "),
+            g.first_cache,
+            g.first_ms,
+            g.no_key_status,
+            g.wrong_key_status,
+            g.repeat_cache,
+            g.repeat_ms,
+            g.burst,
+            g.burst_ok,
+            g.burst_429,
+            g.retry_after.as_deref().unwrap_or("-"),
+            g.cost_usd
+        );
     }
     let md_path = out.join("report.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;

@@ -50,7 +50,8 @@ struct Timed {
 }
 
 /// Serves `base` (as `base_name`) with `adapters`, sends `questions` (each with `system`) to every
-/// model at once, then benchmarks the last adapter.
+/// model at once, then benchmarks the last adapter. The server keeps running for the next stage;
+/// the caller shuts it down.
 pub fn serve_stage(
     base: &Path,
     base_name: &str,
@@ -58,7 +59,7 @@ pub fn serve_stage(
     system: &str,
     questions: &[String],
     quick: bool,
-) -> Result<ServeReport> {
+) -> Result<(ServeReport, ServerHandle)> {
     let mut options = ServeOptions::new(base.to_string_lossy());
     options.served_model_name = Some(base_name.to_string());
     options.adapters = adapters
@@ -136,7 +137,6 @@ pub fn serve_stage(
     };
     let one = bench(1)?;
     let many = bench(concurrency)?;
-    server.shutdown().context("stopping kiln serve")?;
     for r in [&one, &many] {
         anyhow::ensure!(
             r.failed_requests == 0,
@@ -146,7 +146,7 @@ pub fn serve_stage(
             r.errors
         );
     }
-    Ok(ServeReport {
+    let report = ServeReport {
         models,
         chat_requests: samples.len(),
         ttft_ms_mean: ttfts.iter().sum::<f64>() / ttfts.len().max(1) as f64,
@@ -159,7 +159,8 @@ pub fn serve_stage(
         bench_tokens_per_s_n: many.output_token_throughput,
         bench_ttft_ms_p50_n: many.ttft_ms.p50,
         bench_tpot_ms_p50_n: many.tpot_ms.p50,
-    })
+    };
+    Ok((report, server))
 }
 
 /// A streaming chat completion: the reply, the time to its first content, its token count.

@@ -7,9 +7,11 @@ mod dpo;
 mod eval;
 mod eval_logps;
 mod eval_reward;
+mod gateway;
 mod generate;
 mod info;
 mod lifecycle;
+mod lifecycle_gateway;
 mod lifecycle_serve;
 mod merge;
 mod model_args;
@@ -78,6 +80,9 @@ enum Command {
     Ppo(ppo::PpoArgs),
     /// Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
+    /// An API gateway in front of OpenAI-compatible upstreams: auth, rate limits, validation,
+    /// a response cache and cost metering.
+    Gateway(gateway::GatewayArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +103,7 @@ fn main() -> ExitCode {
         Command::Dpo(args) => dpo::run(args),
         Command::Ppo(args) => ppo::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Gateway(args) => gateway::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

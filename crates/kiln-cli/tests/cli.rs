@@ -359,9 +359,20 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
     assert_eq!(
         stages,
         [
-            "synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo", "serve"
+            "synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo", "serve", "gateway"
         ]
     );
+    // The gateway: the key is let through and its absence refused, the repeat comes from the
+    // cache, and the burst runs into the key's rate limit.
+    let gateway = &report["gateway"];
+    assert_eq!(gateway["authenticated_status"], 200, "{gateway}");
+    assert_eq!(gateway["no_key_status"], 401, "{gateway}");
+    assert_eq!(gateway["wrong_key_status"], 401, "{gateway}");
+    assert_eq!(gateway["first_cache"], "miss", "{gateway}");
+    assert_eq!(gateway["repeat_cache"], "hit", "{gateway}");
+    assert!(gateway["burst_429"].as_u64().unwrap() > 0, "{gateway}");
+    assert!(gateway["burst_ok"].as_u64().unwrap() > 0, "{gateway}");
+    assert!(gateway["cost_usd"].as_f64().unwrap() > 0.0, "{gateway}");
     // Serving: every question reached every model (base and both adapters) over HTTP and came
     // back, and the benchmark produced tokens at both concurrencies.
     let serve = &report["serve"];
@@ -442,7 +453,8 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
         md.contains("| pretrain |")
             && md.contains("loss_curve.png")
             && md.contains("Supervised fine-tuning (LoRA)")
-            && md.contains("## Serving"),
+            && md.contains("## Serving")
+            && md.contains("## Gateway"),
         "{md}"
     );
     assert!(out.path().join("model/loss_curve.png").is_file());

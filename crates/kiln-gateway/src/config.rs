@@ -337,7 +337,10 @@ impl GatewayConfig {
             message: message.to_string(),
         };
         if self.upstreams.is_empty() {
-            return Err(invalid("upstreams".into(), "at least one upstream is needed"));
+            return Err(invalid(
+                "upstreams".into(),
+                "at least one upstream is needed",
+            ));
         }
         for (i, u) in self.upstreams.iter().enumerate() {
             if !(u.url.starts_with("http://") || u.url.starts_with("https://")) {
@@ -359,8 +362,7 @@ impl GatewayConfig {
         for (i, k) in self.auth.api_keys.iter().enumerate() {
             match (&k.key, &k.key_sha256) {
                 (Some(_), None) => {}
-                (None, Some(h))
-                    if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
+                (None, Some(h)) if h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()) => {}
                 (None, Some(_)) => {
                     return Err(invalid(
                         format!("auth.api_keys[{i}].key_sha256"),
@@ -400,7 +402,7 @@ impl GatewayConfig {
     }
 }
 
-/// Replaces `${NAME}` with `lookup(NAME)`; `$${` is a literal `${`.
+/// Replaces `${NAME}` with `lookup(NAME)`, except on comment lines; `$${` is a literal `${`.
 fn interpolate(
     text: &str,
     path: &Path,
@@ -408,6 +410,11 @@ fn interpolate(
 ) -> Result<String, ConfigError> {
     let mut out = String::with_capacity(text.len());
     for (n, line) in text.split_inclusive('\n').enumerate() {
+        // A comment line is copied as it is: a commented-out `${KEY}` needs no variable.
+        if line.trim_start().starts_with('#') {
+            out.push_str(line);
+            continue;
+        }
         let mut rest = line;
         while let Some(at) = rest.find("${") {
             if rest[..at].ends_with('$') {
@@ -440,18 +447,22 @@ fn interpolate(
 mod tests {
     use super::*;
 
-    const MINIMAL: &str = "upstreams:\n  - name: local\n    url: http://127.0.0.1:8000/v1\n    models: [\"*\"]\n";
+    const MINIMAL: &str =
+        "upstreams:\n  - name: local\n    url: http://127.0.0.1:8000/v1\n    models: [\"*\"]\n";
 
     #[test]
     fn env_references_are_replaced_and_missing_ones_named() {
         let lookup = |n: &str| (n == "KEY").then(|| "s3cret".to_string());
         let p = Path::new("g.yaml");
         assert_eq!(
-            interpolate("a: ${KEY}\nb: $${KEY}\n", p, lookup).unwrap(),
-            "a: s3cret\nb: ${KEY}\n"
+            interpolate("a: ${KEY}\nb: $${KEY}\n  # c: ${UNSET}\n", p, lookup).unwrap(),
+            "a: s3cret\nb: ${KEY}\n  # c: ${UNSET}\n"
         );
         let err = interpolate("a: 1\nb: ${NOPE}\n", p, lookup).unwrap_err();
-        assert!(err.to_string().contains("line 2") && err.to_string().contains("NOPE"), "{err}");
+        assert!(
+            err.to_string().contains("line 2") && err.to_string().contains("NOPE"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -2,4 +2,14 @@
 //! hosted API) with authentication (API keys, OAuth 2.0 JWTs), rate limits shared across replicas
 //! through Redis, input validation, a response cache, and cost metering.
 
+pub mod auth;
+pub mod cache;
 pub mod config;
+pub mod cost;
+pub mod error;
+pub mod limits;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+pub mod store;
+pub mod validate;

@@ -1,0 +1,122 @@
+//! What a request costs, and where a budget period starts.
+//!
+//! Prices are USD per million tokens (`pricing.<model>.input_per_million` /
+//! `output_per_million`), the way every hosted API quotes them. Budget periods are UTC calendar
+//! days and months, computed here from the Unix clock without a date-time crate: a tenant's
+//! "month" is the same on every gateway replica whatever its local time zone.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::{BudgetPeriod, Pricing};
+
+const SECONDS_PER_DAY: i64 = 86_400;
+
+/// The cost in USD of `prompt_tokens` in and `completion_tokens` out of `model`; `None` when
+/// `pricing` has no entry for the model (the request is recorded without a cost and counts
+/// nothing against a budget).
+pub fn request_cost(
+    pricing: &BTreeMap<String, Pricing>,
+    model: &str,
+    prompt_tokens: u64,
+    completion_tokens: u64,
+) -> Option<f64> {
+    let p = pricing.get(model)?;
+    // u64 → f64 rounds above 2^53 tokens, far beyond any request.
+    let usd = (prompt_tokens as f64 * p.input_per_million
+        + completion_tokens as f64 * p.output_per_million)
+        / 1_000_000.0;
+    Some(usd)
+}
+
+/// The start of the budget period that contains `now`: 00:00 UTC of its day, or 00:00 UTC of the
+/// first day of its month.
+pub fn period_start(period: BudgetPeriod, now: SystemTime) -> SystemTime {
+    let secs = unix_seconds(now);
+    let day = secs.div_euclid(SECONDS_PER_DAY);
+    let first_day = match period {
+        BudgetPeriod::Day => day,
+        BudgetPeriod::Month => {
+            let (year, month, _) = civil_from_days(day);
+            days_from_civil(year, month, 1)
+        }
+    };
+    from_unix_seconds(first_day * SECONDS_PER_DAY)
+}
+
+/// Whole seconds since the Unix epoch, negative before it (floored, so a time one nanosecond
+/// before the epoch is -1).
+fn unix_seconds(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => {
+            let d = e.duration();
+            let whole = i64::try_from(d.as_secs()).unwrap_or(i64::MAX);
+            if d.subsec_nanos() > 0 {
+                -whole - 1
+            } else {
+                -whole
+            }
+        }
+    }
+}
+
+fn from_unix_seconds(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// (year, month 1–12, day 1–31) of the `days`-th day after 1970-01-01, in the proleptic
+/// Gregorian calendar (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days from 1970-01-01 to `year`-`month`-`day` (the inverse of [`civil_from_days`]).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = if month > 2 { month - 3 } else { month + 9 };
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_round_trip() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+        // 2024-02-29, a leap day.
+        let leap = days_from_civil(2024, 2, 29);
+        assert_eq!(civil_from_days(leap), (2024, 2, 29));
+        assert_eq!(civil_from_days(leap + 1), (2024, 3, 1));
+        for d in -800_000..800_000 {
+            let (y, m, dd) = civil_from_days(d);
+            assert_eq!(days_from_civil(y, m, dd), d);
+        }
+    }
+
+    #[test]
+    fn unix_seconds_floors_before_the_epoch() {
+        assert_eq!(unix_seconds(UNIX_EPOCH - Duration::from_nanos(1)), -1);
+        assert_eq!(unix_seconds(UNIX_EPOCH - Duration::from_secs(2)), -2);
+        assert_eq!(unix_seconds(UNIX_EPOCH + Duration::from_millis(1500)), 1);
+    }
+}

@@ -1,0 +1,1069 @@
+//! The gateway's HTTP server: the routes, the per-request pipeline and the ways to run it.
+//!
+//! A proxied request goes through, in order: authentication ([`crate::auth`]) → validation
+//! ([`crate::validate`]) → the model check (403 `model_not_allowed` for the caller, 404
+//! `model_not_found` when no upstream serves it) → the tenant's budget ([`crate::store`], 429
+//! `budget_exceeded`) → rate limits ([`crate::limits`], counting the prompt's tokens) → the
+//! response cache ([`crate::cache`]) → an upstream ([`crate::proxy`]). Streams are passed through
+//! chunk by chunk as they arrive; a tap beside the stream reads the SSE events to learn the usage
+//! (or count the content chunks) and, for a cacheable request, to assemble the reply for the
+//! cache. The accounting — completion tokens for the TPM limit, cost, budget, metrics and the
+//! request record — runs when the reply is done, a stream's when its last byte went out (or the
+//! client left); the rate-limit concurrency slot is held until then.
+//!
+//! **Usage of streams.** When the client asked for `stream_options.include_usage`, the usage is
+//! read from the final usage chunk. Otherwise the gateway does *not* add that option upstream
+//! (it would add `"usage": null` to every chunk and change the bytes the client gets); the
+//! completion tokens are estimated as the number of chunks carrying content, which is exact for
+//! servers that send one token per chunk (kiln serve, vLLM) and an undercount for those that
+//! batch tokens.
+//!
+//! Ways to run it, as in `kiln-serve`: [`build`] returns the router and state for a caller with
+//! its own listener; [`Gateway`] is a bound listener run until a shutdown future resolves;
+//! [`serve_blocking`] does that on a runtime of its own (`kiln gateway` passes
+//! [`shutdown_signal`]); [`GatewayHandle`] runs it on a background thread for synchronous callers.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use futures_util::Stream;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+use crate::auth::{Authenticator, Principal};
+use crate::cache::{CachedResponse, ResponseCache, as_sse_events, assemble_stream, cache_key};
+use crate::config::GatewayConfig;
+use crate::cost::request_cost;
+use crate::error::ApiError;
+use crate::limits::{Admission, LimitKey, Limited, RateLimiter};
+use crate::metrics::GatewayMetrics;
+use crate::proxy::{Upstreams, spawn_health_checker};
+use crate::store::{Budgets, RequestRecord, Store};
+use crate::validate::{Endpoint, ValidRequest, Validator, too_large};
+
+/// The response header saying whether the cache answered: `hit`, `miss`, or `bypass`
+/// (`Cache-Control: no-store`); absent for a request that cannot be cached.
+pub const CACHE_HEADER: &str = "x-kiln-cache";
+/// How often upstreams are health-checked by default.
+pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// A streamed reply is assembled for the cache only up to this many bytes of events.
+const MAX_ASSEMBLED_BYTES: usize = 4 << 20;
+
+/// Knobs that are not part of the YAML config.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Time between health checks of the upstreams.
+    pub health_interval: Duration,
+}
+
+impl Default for BuildOptions {
+    fn default() -> Self {
+        Self {
+            health_interval: DEFAULT_HEALTH_INTERVAL,
+        }
+    }
+}
+
+/// Everything a request handler needs. Cheap to clone.
+#[derive(Clone)]
+pub struct GatewayState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: GatewayConfig,
+    auth: Authenticator,
+    limiter: RateLimiter,
+    cache: ResponseCache,
+    store: Store,
+    budgets: Budgets,
+    metrics: GatewayMetrics,
+    upstreams: Arc<Upstreams>,
+    validator: Validator,
+    requests: AtomicU64,
+}
+
+impl std::fmt::Debug for GatewayState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayState")
+            .field("listen", &self.inner.config.listen)
+            .field("upstreams", &self.inner.config.upstreams.len())
+            .finish()
+    }
+}
+
+impl GatewayState {
+    pub fn config(&self) -> &GatewayConfig {
+        &self.inner.config
+    }
+
+    pub fn metrics(&self) -> &GatewayMetrics {
+        &self.inner.metrics
+    }
+
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.inner.upstreams
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// `name (url), …` of the upstreams.
+    pub fn describe_upstreams(&self) -> String {
+        self.inner
+            .config
+            .upstreams
+            .iter()
+            .map(|u| format!("{} {}", u.name, u.url))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// Builds the router and its state with the default [`BuildOptions`]; starts the health checker
+/// (so call it inside a tokio runtime).
+pub async fn build(config: GatewayConfig) -> anyhow::Result<(Router, GatewayState)> {
+    build_with(config, BuildOptions::default()).await
+}
+
+/// [`build`] with explicit options.
+pub async fn build_with(
+    config: GatewayConfig,
+    options: BuildOptions,
+) -> anyhow::Result<(Router, GatewayState)> {
+    let auth = Authenticator::new(&config.auth)?;
+    let limiter = RateLimiter::new(&config.limits).await?;
+    let cache = ResponseCache::new(&config.cache).await?;
+    let store = Store::connect(&config.store.url).await?;
+    let budgets = Budgets::new(&config.budgets, store.clone());
+    let validator = Validator::new(&config.validation)?;
+    let upstreams = Arc::new(Upstreams::new(&config.upstreams)?);
+    spawn_health_checker(&upstreams, options.health_interval);
+    let state = GatewayState {
+        inner: Arc::new(Inner {
+            config,
+            auth,
+            limiter,
+            cache,
+            store,
+            budgets,
+            metrics: GatewayMetrics::new(),
+            upstreams,
+            validator,
+            requests: AtomicU64::new(0),
+        }),
+    };
+    Ok((router(state.clone()), state))
+}
+
+/// The gateway's routes over `state`.
+pub fn router(state: GatewayState) -> Router {
+    Router::new()
+        .route(
+            "/v1/chat/completions",
+            post(|State(s): State<GatewayState>, req: Request| proxied(s, Endpoint::Chat, req)),
+        )
+        .route(
+            "/v1/completions",
+            post(|State(s): State<GatewayState>, req: Request| {
+                proxied(s, Endpoint::Completion, req)
+            }),
+        )
+        .route("/v1/models", get(list_models))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(|req: Request| async move {
+            ApiError::not_found(format!(
+                "no route {} {}; the gateway serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health and GET /metrics",
+                req.method(),
+                req.uri().path()
+            ))
+        })
+        .with_state(state)
+}
+
+async fn metrics(State(state): State<GatewayState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.inner.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn health(State(state): State<GatewayState>) -> Response {
+    let upstreams: Vec<Value> = state
+        .inner
+        .upstreams
+        .all()
+        .iter()
+        .map(|u| json!({"name": u.config.name, "url": u.config.url, "healthy": u.is_healthy()}))
+        .collect();
+    let any = state.inner.upstreams.all().iter().any(|u| u.is_healthy());
+    let status = if any {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body =
+        json!({"status": if any { "ok" } else { "no healthy upstream" }, "upstreams": upstreams});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn list_models(State(state): State<GatewayState>, headers: HeaderMap) -> Response {
+    let principal = match state.inner.auth.authenticate(authorization(&headers)).await {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    let data: Vec<Value> = state
+        .inner
+        .upstreams
+        .models()
+        .await
+        .into_iter()
+        .filter(|(model, _)| principal.may_use(model))
+        .map(|(model, upstream)| {
+            json!({"id": model, "object": "model", "created": 0, "owned_by": upstream})
+        })
+        .collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+fn authorization(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// What is known of a request by the time it is accounted.
+struct RequestContext {
+    state: GatewayState,
+    request_id: String,
+    started: Instant,
+    principal: Principal,
+    limit_key: LimitKey,
+    model: String,
+    stream: bool,
+    prompt_tokens: u64,
+}
+
+/// How a reply ended, for [`RequestContext::account`].
+struct Outcome {
+    status: u16,
+    upstream: Option<String>,
+    cache_hit: bool,
+    /// Prompt and completion tokens from the reply's usage, when it had one.
+    usage: Option<(u64, u64)>,
+    completion_estimate: u64,
+    upstream_time: Option<Duration>,
+    /// Time spent in the gateway itself.
+    overhead: Duration,
+}
+
+impl RequestContext {
+    /// Completion tokens for the TPM window, cost, budget, metrics and the stored record.
+    async fn account(self, outcome: Outcome) {
+        let inner = &self.state.inner;
+        let (prompt, completion) = outcome
+            .usage
+            .unwrap_or((self.prompt_tokens, outcome.completion_estimate));
+        let tenant = &self.principal.tenant;
+        // A cached reply costs no upstream work: it is neither charged nor counted as
+        // completion tokens.
+        let cost = if outcome.cache_hit || outcome.status >= 400 {
+            None
+        } else {
+            request_cost(&inner.config.pricing, &self.model, prompt, completion)
+        };
+        if !outcome.cache_hit && outcome.status < 400 {
+            inner
+                .limiter
+                .record_completion(&self.limit_key, completion)
+                .await;
+            inner
+                .metrics
+                .add_tokens(&self.model, tenant, prompt, completion);
+        }
+        if let Some(usd) = cost {
+            inner.budgets.add(tenant, usd).await;
+            inner.metrics.add_cost(&self.model, tenant, usd);
+        }
+        inner
+            .metrics
+            .observe_request(&self.model, tenant, outcome.status);
+        inner
+            .metrics
+            .observe_overhead(outcome.overhead.as_secs_f64());
+        if let (Some(upstream), Some(t)) = (&outcome.upstream, outcome.upstream_time) {
+            inner.metrics.observe_upstream(upstream, t.as_secs_f64());
+        }
+        let record = RequestRecord {
+            request_id: self.request_id,
+            at: {
+                let now = SystemTime::now();
+                now.checked_sub(self.started.elapsed()).unwrap_or(now)
+            },
+            tenant: tenant.clone(),
+            key_id: self.principal.key_id.clone(),
+            model: self.model,
+            upstream: outcome.upstream,
+            status: outcome.status,
+            stream: self.stream,
+            cache_hit: outcome.cache_hit,
+            prompt_tokens: prompt,
+            completion_tokens: if outcome.usage.is_some() || !outcome.cache_hit {
+                completion
+            } else {
+                0
+            },
+            cost_usd: cost,
+            gateway_ms: outcome.overhead.as_secs_f64() * 1e3,
+            upstream_ms: outcome.upstream_time.map(|t| t.as_secs_f64() * 1e3),
+            no_train: self.principal.no_train,
+        };
+        let store = inner.store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = store.record(&record).await {
+                eprintln!(
+                    "kiln gateway: recording request {}: {e:#}",
+                    record.request_id
+                );
+            }
+        });
+    }
+}
+
+/// A refusal before any upstream work: counted in the metrics, then answered.
+fn refuse(state: &GatewayState, model: &str, tenant: &str, response: Response) -> Response {
+    state
+        .inner
+        .metrics
+        .observe_request(model, tenant, response.status().as_u16());
+    response
+}
+
+/// The whole pipeline of a proxied request (see the module docs).
+async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> Response {
+    let started = Instant::now();
+    let inner = &state.inner;
+    let n = inner.requests.fetch_add(1, Ordering::Relaxed);
+    let request_id = format!("kgw-{:08x}{n:08x}", rand::random::<u32>());
+    let (parts, body) = request.into_parts();
+    let headers = parts.headers;
+
+    let principal = match inner.auth.authenticate(authorization(&headers)).await {
+        Ok(p) => p,
+        Err(e) => return refuse(&state, "-", "-", e.into_response()),
+    };
+    let tenant = principal.tenant.clone();
+
+    let max = inner.validator.max_body_bytes();
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return refuse(&state, "-", &tenant, too_large(max).into_response());
+    }
+    let bytes = match axum::body::to_bytes(body, max).await {
+        Ok(b) => b,
+        Err(_) => return refuse(&state, "-", &tenant, too_large(max).into_response()),
+    };
+    let valid = match inner.validator.validate(endpoint, &bytes) {
+        Ok(v) => v,
+        Err(e) => return refuse(&state, "-", &tenant, e.into_response()),
+    };
+    let model = valid.model.clone();
+    if !principal.may_use(&model) {
+        let e = ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            format!("this key may not use model `{model}`"),
+        );
+        return refuse(&state, &model, &tenant, e.into_response());
+    }
+    if !inner.upstreams.serves(&model) {
+        let mut e = ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "model_not_found",
+            format!("no upstream serves model `{model}`"),
+        );
+        e.param = Some("model".into());
+        return refuse(&state, &model, &tenant, e.into_response());
+    }
+    if let Err((spent, budget)) = inner.budgets.check(&tenant).await {
+        inner.metrics.rate_limited(&tenant, "budget");
+        let e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            "budget_exceeded",
+            format!(
+                "tenant `{tenant}` has spent ${spent:.4} of its ${budget:.2} budget for this period"
+            ),
+        );
+        return refuse(&state, &model, &tenant, e.into_response());
+    }
+    let limit_key = LimitKey {
+        id: principal.key_id.clone(),
+        rpm: principal.rpm,
+        tpm: principal.tpm,
+        max_concurrent: principal.max_concurrent,
+    };
+    let admission = match inner.limiter.acquire(&limit_key, valid.prompt_tokens).await {
+        Ok(a) => a,
+        Err(limited) => {
+            let which = match &limited {
+                Limited::Requests { .. } => "rpm",
+                Limited::Tokens { .. } => "tpm",
+                Limited::Concurrency { .. } => "concurrency",
+                Limited::BackendUnavailable => "backend_unavailable",
+            };
+            inner.metrics.rate_limited(&tenant, which);
+            return refuse(&state, &model, &tenant, limited.into_response());
+        }
+    };
+
+    let ctx = RequestContext {
+        state: state.clone(),
+        request_id,
+        started,
+        principal,
+        limit_key,
+        model,
+        stream: valid.stream,
+        prompt_tokens: valid.prompt_tokens,
+    };
+    forward(ctx, valid, bytes, &headers, admission).await
+}
+
+/// The cache, then the upstream.
+async fn forward(
+    ctx: RequestContext,
+    valid: ValidRequest,
+    bytes: Bytes,
+    headers: &HeaderMap,
+    admission: Admission,
+) -> Response {
+    let inner = ctx.state.inner.clone();
+    let cache_control = headers
+        .get(header::CACHE_CONTROL)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let no_store = cache_control.contains("no-store");
+    let no_cache = cache_control.contains("no-cache");
+    let key = if inner.cache.is_enabled() {
+        cache_key(
+            &ctx.principal.tenant,
+            &valid.body,
+            inner.config.cache.cache_sampled,
+        )
+    } else {
+        None
+    };
+    let cache_state = match (&key, no_store) {
+        (None, _) => None,
+        (Some(_), true) => Some("bypass"),
+        (Some(_), false) => Some("miss"),
+    };
+    let key = key.filter(|_| !no_store);
+
+    let mut extra = HeaderMap::new();
+    admission.headers.apply(&mut extra);
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        extra.insert(HeaderName::from_static("x-request-id"), v);
+    }
+
+    if let (Some(k), false) = (&key, no_cache) {
+        if let Some(hit) = inner.cache.get(k).await {
+            inner.metrics.cache(true);
+            extra.insert(
+                HeaderName::from_static(CACHE_HEADER),
+                HeaderValue::from_static("hit"),
+            );
+            let usage = usage_of(&hit.body);
+            let mut response = if valid.stream {
+                let events = as_sse_events(&hit.body, valid.include_usage).concat();
+                sse_response(StatusCode::OK, Body::from(events))
+            } else {
+                (StatusCode::OK, axum::Json(hit.body)).into_response()
+            };
+            response.headers_mut().extend(extra);
+            let overhead = ctx.started.elapsed();
+            tokio::spawn(ctx.account(Outcome {
+                status: 200,
+                upstream: None,
+                cache_hit: true,
+                usage,
+                completion_estimate: 0,
+                upstream_time: None,
+                overhead,
+            }));
+            drop(admission);
+            return response;
+        }
+        inner.metrics.cache(false);
+    } else if key.is_some() {
+        inner.metrics.cache(false);
+    }
+    if let Some(c) = cache_state {
+        extra.insert(
+            HeaderName::from_static(CACHE_HEADER),
+            HeaderValue::from_static(c),
+        );
+    }
+
+    let before_upstream = ctx.started.elapsed();
+    let upstream_start = Instant::now();
+    let reply = match inner
+        .upstreams
+        .send(&ctx.model, valid.endpoint.path(), bytes, &inner.metrics)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => {
+            let upstream_time = upstream_start.elapsed();
+            let mut response = e.to_api_error().into_response();
+            response.headers_mut().extend(extra);
+            let status = response.status().as_u16();
+            let overhead = ctx.started.elapsed().saturating_sub(upstream_time);
+            tokio::spawn(ctx.account(Outcome {
+                status,
+                upstream: None,
+                cache_hit: false,
+                usage: None,
+                completion_estimate: 0,
+                upstream_time: None,
+                overhead,
+            }));
+            return response;
+        }
+    };
+    let status = reply.response.status();
+    let upstream_headers = reply.response.headers().clone();
+    let is_sse = upstream_headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+
+    if valid.stream && status.is_success() && is_sse {
+        let tap = Tap {
+            ctx: Some(ctx),
+            admission: Some(admission),
+            upstream: reply.upstream,
+            upstream_start,
+            overhead: before_upstream,
+            status: status.as_u16(),
+            pending: Vec::new(),
+            chunks: key.as_ref().map(|_| Vec::new()),
+            assembled_bytes: 0,
+            cache_key: key,
+            usage: None,
+            content_chunks: 0,
+        };
+        let stream = TappedStream {
+            inner: Box::pin(reply.response.bytes_stream()),
+            tap,
+        };
+        let mut response = sse_response(status, Body::from_stream(stream));
+        copy_headers(&upstream_headers, response.headers_mut());
+        response.headers_mut().extend(extra);
+        return response;
+    }
+
+    // A whole reply: read it, then answer.
+    let upstream_name = reply.upstream;
+    let read = reply.response.bytes().await;
+    let upstream_time = upstream_start.elapsed();
+    let body = match read {
+        Ok(b) => b,
+        Err(e) => {
+            let e = if e.is_timeout() {
+                inner.metrics.upstream_error(&upstream_name, "timeout");
+                ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "api_error",
+                    "upstream_timeout",
+                    format!("upstream `{upstream_name}` did not finish its reply in time"),
+                )
+            } else {
+                inner.metrics.upstream_error(&upstream_name, "body");
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "api_error",
+                    "upstream_unavailable",
+                    format!("upstream `{upstream_name}` broke off its reply"),
+                )
+            };
+            let mut response = e.into_response();
+            response.headers_mut().extend(extra);
+            let status = response.status().as_u16();
+            let overhead = ctx.started.elapsed().saturating_sub(upstream_time);
+            tokio::spawn(ctx.account(Outcome {
+                status,
+                upstream: Some(upstream_name),
+                cache_hit: false,
+                usage: None,
+                completion_estimate: 0,
+                upstream_time: Some(upstream_time),
+                overhead,
+            }));
+            return response;
+        }
+    };
+    let json: Option<Value> = if status.is_success() {
+        serde_json::from_slice(&body).ok()
+    } else {
+        None
+    };
+    let usage = json.as_ref().and_then(usage_of);
+    if let (Some(k), Some(v)) = (&key, &json)
+        && v.get("choices").is_some()
+    {
+        let cache = inner.cache.clone();
+        let k = k.clone();
+        let entry = CachedResponse { body: v.clone() };
+        tokio::spawn(async move { cache.put(&k, &entry).await });
+    }
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    copy_headers(&upstream_headers, response.headers_mut());
+    response.headers_mut().extend(extra);
+    let overhead = ctx.started.elapsed().saturating_sub(upstream_time);
+    tokio::spawn(ctx.account(Outcome {
+        status: status.as_u16(),
+        upstream: Some(upstream_name),
+        cache_hit: false,
+        usage,
+        completion_estimate: 0,
+        upstream_time: Some(upstream_time),
+        overhead,
+    }));
+    drop(admission);
+    response
+}
+
+fn sse_response(status: StatusCode, body: Body) -> Response {
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// The upstream's headers worth passing on (not hop-by-hop ones, not its length: the body may
+/// be re-framed).
+fn copy_headers(from: &HeaderMap, to: &mut HeaderMap) {
+    for (name, value) in from {
+        let skip = matches!(
+            name.as_str(),
+            "connection"
+                | "keep-alive"
+                | "transfer-encoding"
+                | "content-length"
+                | "date"
+                | "server"
+                | "www-authenticate"
+        );
+        if !skip {
+            to.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+/// `(prompt_tokens, completion_tokens)` of a reply or chunk's `usage`.
+fn usage_of(body: &Value) -> Option<(u64, u64)> {
+    let usage = body.get("usage")?;
+    Some((
+        usage.get("prompt_tokens")?.as_u64()?,
+        usage.get("completion_tokens")?.as_u64()?,
+    ))
+}
+
+/// Reads the SSE events of a stream as they pass, and accounts the request when the stream is
+/// done or dropped.
+struct Tap {
+    ctx: Option<RequestContext>,
+    /// Held (the concurrency slot) until the stream ends.
+    admission: Option<Admission>,
+    upstream: String,
+    upstream_start: Instant,
+    overhead: Duration,
+    status: u16,
+    /// The bytes of an incomplete line.
+    pending: Vec<u8>,
+    /// The chunks so far, for the cache (`None`: not cacheable, or too long).
+    chunks: Option<Vec<Value>>,
+    assembled_bytes: usize,
+    cache_key: Option<String>,
+    usage: Option<(u64, u64)>,
+    content_chunks: u64,
+}
+
+impl Tap {
+    fn observe(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
+        let Some(last_newline) = self.pending.iter().rposition(|&b| b == b'\n') else {
+            if self.pending.len() > MAX_ASSEMBLED_BYTES {
+                // Not SSE as we know it: stop reading along.
+                self.pending.clear();
+                self.chunks = None;
+            }
+            return;
+        };
+        let complete: Vec<u8> = self.pending.drain(..=last_newline).collect();
+        for line in complete.split(|&b| b == b'\n') {
+            let Some(data) = line.strip_prefix(b"data:") else {
+                continue;
+            };
+            let data = data.trim_ascii();
+            if data == b"[DONE]" || data.is_empty() {
+                continue;
+            }
+            let Ok(chunk) = serde_json::from_slice::<Value>(data) else {
+                continue;
+            };
+            if let Some(u) = usage_of(&chunk) {
+                self.usage = Some(u);
+            }
+            let has_content =
+                chunk
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .is_some_and(|choices| {
+                        choices.iter().any(|c| {
+                            let text = c
+                                .get("delta")
+                                .and_then(|d| d.get("content"))
+                                .or_else(|| c.get("text"));
+                            text.and_then(Value::as_str).is_some_and(|s| !s.is_empty())
+                        })
+                    });
+            if has_content {
+                self.content_chunks += 1;
+            }
+            self.assembled_bytes += data.len();
+            if self.assembled_bytes > MAX_ASSEMBLED_BYTES {
+                self.chunks = None;
+            }
+            if let Some(chunks) = &mut self.chunks {
+                chunks.push(chunk);
+            }
+        }
+    }
+
+    /// Accounts the request (once), caching the assembled reply of a complete stream.
+    fn finish(&mut self, complete: bool) {
+        let Some(ctx) = self.ctx.take() else {
+            return;
+        };
+        let upstream_time = self.upstream_start.elapsed();
+        let chunks = self.chunks.take();
+        let key = self.cache_key.take();
+        let outcome = Outcome {
+            status: self.status,
+            upstream: Some(std::mem::take(&mut self.upstream)),
+            cache_hit: false,
+            usage: self.usage,
+            completion_estimate: self.content_chunks,
+            upstream_time: Some(upstream_time),
+            overhead: self.overhead,
+        };
+        let cache = ctx.state.inner.cache.clone();
+        let admission = self.admission.take();
+        let work = async move {
+            if let (true, Some(k), Some(chunks)) = (complete, key, chunks)
+                && let Some(body) = assemble_stream(&chunks)
+            {
+                cache.put(&k, &CachedResponse { body }).await;
+            }
+            ctx.account(outcome).await;
+            drop(admission);
+        };
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(work);
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        // The client left (or the stream failed) before the end.
+        self.finish(false);
+    }
+}
+
+/// The upstream's byte stream, passed on unchanged, chunk by chunk.
+struct TappedStream {
+    inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    tap: Tap,
+}
+
+impl Stream for TappedStream {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        match this.inner.as_mut().poll_next(cx) {
+            Poll::Ready(Some(Ok(bytes))) => {
+                this.tap.observe(&bytes);
+                Poll::Ready(Some(Ok(bytes)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let kind = if e.is_timeout() { "timeout" } else { "body" };
+                if let Some(ctx) = &this.tap.ctx {
+                    ctx.state
+                        .inner
+                        .metrics
+                        .upstream_error(&this.tap.upstream, kind);
+                }
+                this.tap.status = if e.is_timeout() { 504 } else { 502 };
+                this.tap.finish(false);
+                Poll::Ready(Some(Err(std::io::Error::other(format!(
+                    "upstream `{}`: {e}",
+                    this.tap.upstream
+                )))))
+            }
+            Poll::Ready(None) => {
+                this.tap.finish(true);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// A bound gateway, not yet serving.
+pub struct Gateway {
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    router: Router,
+    state: GatewayState,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway").field("addr", &self.addr).finish()
+    }
+}
+
+impl Gateway {
+    /// Builds the gateway and binds `config.listen`.
+    pub async fn bind(config: GatewayConfig) -> anyhow::Result<Self> {
+        Self::bind_with(config, BuildOptions::default()).await
+    }
+
+    /// [`Gateway::bind`] with explicit options.
+    pub async fn bind_with(config: GatewayConfig, options: BuildOptions) -> anyhow::Result<Self> {
+        let listen = config.listen.clone();
+        let (router, state) = build_with(config, options).await?;
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("listen: binding {listen}: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| anyhow::anyhow!("listen: {listen}: {e}"))?;
+        Ok(Self {
+            listener,
+            addr,
+            router,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &GatewayState {
+        &self.state
+    }
+
+    /// `listening on http://ADDR (upstreams NAME URL, …)`: what `kiln gateway` prints once
+    /// bound (scripts wait for it).
+    pub fn describe(&self) -> String {
+        format!(
+            "listening on http://{} (upstreams {})",
+            self.addr,
+            self.state.describe_upstreams()
+        )
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests
+    /// (streams included) finish.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        // Streamed tokens go out as small writes: without TCP_NODELAY, Nagle's algorithm and
+        // delayed ACKs hold each one up to 40 ms.
+        let listener = self.listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        axum::serve(listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| anyhow::anyhow!("serving: {e}"))?;
+        self.state.inner.store.close().await;
+        Ok(())
+    }
+}
+
+/// Builds, binds and serves `config` on a tokio runtime of its own until `shutdown` resolves;
+/// `on_bound` runs once the port is bound. `kiln gateway` passes [`shutdown_signal`].
+pub fn serve_blocking(
+    config: GatewayConfig,
+    on_bound: impl FnOnce(&Gateway),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("kiln-gateway-worker")
+        .build()?;
+    runtime.block_on(async move {
+        let gateway = Gateway::bind(config).await?;
+        on_bound(&gateway);
+        gateway.run(shutdown).await
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sigterm) => {
+                sigterm.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
+
+/// A gateway running on its own thread and tokio runtime, for synchronous callers (the
+/// lifecycle command, tests). Dropping the handle asks it to shut down without waiting;
+/// [`GatewayHandle::shutdown`] waits.
+#[derive(Debug)]
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    state: GatewayState,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl GatewayHandle {
+    /// Builds and serves `config` on `config.listen`; returns once the port is bound. Safe to
+    /// call from inside another tokio runtime.
+    pub fn start(config: GatewayConfig) -> anyhow::Result<Self> {
+        Self::start_with(config, BuildOptions::default())
+    }
+
+    /// [`GatewayHandle::start`] with explicit options.
+    pub fn start_with(config: GatewayConfig, options: BuildOptions) -> anyhow::Result<Self> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("kiln-gateway".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .thread_name("kiln-gateway-worker")
+                    .build()
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(anyhow::anyhow!("starting a runtime: {e}")));
+                        return Ok(());
+                    }
+                };
+                runtime.block_on(async move {
+                    let gateway = match Gateway::bind_with(config, options).await {
+                        Ok(g) => g,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            return Ok(());
+                        }
+                    };
+                    let _ = ready_tx.send(Ok((gateway.local_addr(), gateway.state().clone())));
+                    gateway
+                        .run(async {
+                            let _ = stop_rx.await;
+                        })
+                        .await
+                })
+            })?;
+        let (addr, state) = match ready_rx.recv() {
+            Ok(ready) => ready?,
+            Err(_) => anyhow::bail!("the gateway thread panicked while starting"),
+        };
+        Ok(Self {
+            addr,
+            state,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn state(&self) -> &GatewayState {
+        &self.state
+    }
+
+    /// Stops accepting, waits for in-flight requests and joins the thread.
+    pub fn shutdown(mut self) -> anyhow::Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        match self.thread.take() {
+            Some(thread) => thread
+                .join()
+                .map_err(|_| anyhow::anyhow!("the gateway thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
