@@ -464,7 +464,7 @@ async fn invalid_configs_are_refused() {
     for (cfg, field) in [
         (config("http://127.0.0.1:1".into(), 0, 1), "concurrency"),
         (config("http://127.0.0.1:1".into(), 1, 0), "requests"),
-        (config("https://127.0.0.1:1".into(), 1, 1), "url"),
+        (config("ftp://127.0.0.1:1".into(), 1, 1), "url"),
     ] {
         let err = run_bench(&cfg, |_, _| {}).await.unwrap_err();
         assert!(

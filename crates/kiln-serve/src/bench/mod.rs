@@ -142,19 +142,13 @@ impl BenchConfig {
         if self.max_tokens == 0 {
             return invalid("max_tokens", "must be at least 1");
         }
-        if self.url.starts_with("https://") {
-            return invalid(
-                "url",
-                "is https, but the client is built without TLS; use http://",
-            );
-        }
-        if !self.url.starts_with("http://") {
-            return invalid("url", "must start with http://");
+        if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
+            return invalid("url", "must start with http:// or https://");
         }
         Ok(())
     }
 
-    /// `http://host:port`, without a trailing `/` or `/v1`.
+    /// `http(s)://host:port`, without a trailing `/` or `/v1`.
     fn base_url(&self) -> &str {
         let url = self.url.trim_end_matches('/');
         url.strip_suffix("/v1").unwrap_or(url)
