@@ -7,10 +7,11 @@
 //! trained on the world's conversations, with held-out task pass rates before and after),
 //! `reward` (a reward model on the preference pairs, with held-out preference accuracy), `dpo`
 //! (LoRA DPO from the SFT model, with held-out `rewards/accuracies` and a win rate over the SFT
-//! model judged by the world's rules) and `ppo` (LoRA PPO from the SFT model against the rule
-//! reward, with the mean reward before and after) and `serve` (the SFT model with the DPO and PPO
-//! adapters behind `kiln serve`'s HTTP API: streaming chat requests and `kiln bench serve`).
-//! Later stages add themselves to [`run`].
+//! model judged by the world's rules), `ppo` (LoRA PPO from the SFT model against the rule
+//! reward, with the mean reward before and after), `serve` (the SFT model with the DPO and PPO
+//! adapters behind `kiln serve`'s HTTP API: streaming chat requests and `kiln bench serve`) and
+//! `gateway` (`kiln gateway` in front of that server: a keyed request, refused ones, a cache hit
+//! and a rate-limited burst). Later stages add themselves to [`run`].
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
