@@ -140,24 +140,13 @@ fn load(url: &str, concurrency: usize, total: usize, key: Option<&str>) -> Run {
     })
 }
 
-/// Mean of the gateway's overhead histogram, from its Prometheus text.
-fn mean_overhead_ms(metrics: &str) -> f64 {
-    let value = |name: &str| -> f64 {
-        metrics
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    let (sum, count) = (
-        value("kiln_gateway_overhead_seconds_sum"),
-        value("kiln_gateway_overhead_seconds_count"),
-    );
-    if count > 0.0 {
-        sum / count * 1e3
-    } else {
-        f64::NAN
-    }
+/// The sum of every series of metric `name` in Prometheus text.
+fn metric_sum(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }
 
 fn main() {
@@ -219,20 +208,12 @@ fn main() {
         let after = metrics();
         // The mean over this run alone: difference of sums over difference of counts.
         let overhead = {
-            let sum = |m: &str, n: &str| -> f64 {
-                m.lines()
-                    .filter(|l| l.starts_with(n))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum()
-            };
-            let s = sum(&after, "kiln_gateway_overhead_seconds_sum")
-                - sum(&before, "kiln_gateway_overhead_seconds_sum");
-            let c = sum(&after, "kiln_gateway_overhead_seconds_count")
-                - sum(&before, "kiln_gateway_overhead_seconds_count");
-            if c > 0.0 {
-                s / c * 1e3
+            let delta = |n: &str| metric_sum(&after, n) - metric_sum(&before, n);
+            let count = delta("kiln_gateway_overhead_seconds_count");
+            if count > 0.0 {
+                delta("kiln_gateway_overhead_seconds_sum") / count * 1e3
             } else {
-                mean_overhead_ms(&after)
+                f64::NAN
             }
         };
         println!(

@@ -98,18 +98,11 @@ impl<'a> StepLayout<'a> {
     fn new(seqs: &'a [PagedSeq<'a>]) -> Self {
         let mut rows = Vec::with_capacity(seqs.len());
         let mut positions = Vec::new();
-        let mut adapter_runs: Vec<(Range<usize>, usize)> = Vec::new();
         for s in seqs {
-            let r = positions.len()..positions.len() + s.tokens.len();
+            rows.push(positions.len()..positions.len() + s.tokens.len());
             positions.extend(s.start..s.start + s.tokens.len());
-            if let Some(a) = s.adapter {
-                match adapter_runs.last_mut() {
-                    Some((run, last)) if *last == a && run.end == r.start => run.end = r.end,
-                    _ => adapter_runs.push((r.clone(), a)),
-                }
-            }
-            rows.push(r);
         }
+        let adapter_runs = adapter_runs(seqs, &rows);
         Self {
             seqs,
             rows,
@@ -254,22 +247,27 @@ impl CausalLm {
 impl<'a> StepLayout<'a> {
     /// The layout of a matrix holding only each sequence's last row (for the LM head).
     fn new_last_rows(full: &StepLayout<'a>) -> StepLayout<'a> {
-        let mut adapter_runs: Vec<(Range<usize>, usize)> = Vec::new();
-        for (i, s) in full.seqs.iter().enumerate() {
-            if let Some(a) = s.adapter {
-                match adapter_runs.last_mut() {
-                    Some((run, last)) if *last == a && run.end == i => run.end = i + 1,
-                    _ => adapter_runs.push((i..i + 1, a)),
-                }
-            }
-        }
+        let rows: Vec<Range<usize>> = (0..full.seqs.len()).map(|i| i..i + 1).collect();
         StepLayout {
             seqs: full.seqs,
-            rows: (0..full.seqs.len()).map(|i| i..i + 1).collect(),
+            adapter_runs: adapter_runs(full.seqs, &rows),
+            rows,
             positions: Vec::new(),
-            adapter_runs,
         }
     }
+}
+
+/// Runs of consecutive rows whose sequences share an adapter (`rows[i]` are sequence `i`'s).
+fn adapter_runs(seqs: &[PagedSeq], rows: &[Range<usize>]) -> Vec<(Range<usize>, usize)> {
+    let mut runs: Vec<(Range<usize>, usize)> = Vec::new();
+    for (s, r) in seqs.iter().zip(rows) {
+        let Some(a) = s.adapter else { continue };
+        match runs.last_mut() {
+            Some((run, last)) if *last == a && run.end == r.start => run.end = r.end,
+            _ => runs.push((r.clone(), a)),
+        }
+    }
+    runs
 }
 
 /// Rotary angles for each row's position, in the f32 arithmetic transformers uses.
