@@ -19,6 +19,7 @@ pub mod lora_train;
 pub mod loss;
 pub mod ops;
 pub mod paged;
+pub mod quant;
 pub mod reward;
 pub mod rope;
 pub mod sampling;
@@ -95,7 +96,7 @@ pub use lora::{LoraAdapter, LoraConfig, TargetModules};
 pub use paged::{PagedKvCache, PagedSeq};
 pub use sampling::{Sampler, SamplingParams};
 pub use save::{SavedModel, save_model_dir};
-pub use transformer::CausalLm;
+pub use transformer::{CausalLm, LinearLoader};
 
 /// How to load a model.
 #[derive(Debug, Clone)]

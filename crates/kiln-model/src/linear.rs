@@ -9,12 +9,17 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use crate::quant::PackedWeight;
+
 /// The frozen (or trainable) base weight, `[out_features, in_features]` when dense.
 #[derive(Debug, Clone)]
 pub enum LinearWeight {
     Dense(Tensor),
     /// A GGML block-quantized weight; matmuls run on the quantized blocks directly.
     Quantized(QMatMul),
+    /// 4- or 8-bit codes with a scale and offset per group (RTN, GPTQ, AWQ, GGUF), multiplied by
+    /// kiln's own kernels (`quant::PackedWeight`).
+    Packed(Arc<PackedWeight>),
 }
 
 /// A LoRA update `scale · B·A` (Hu et al., 2021, <https://arxiv.org/abs/2106.09685>) applied
@@ -154,6 +159,7 @@ impl Linear {
             weight: match &self.weight {
                 LinearWeight::Dense(w) => LinearWeight::Dense(w.detach()),
                 LinearWeight::Quantized(q) => LinearWeight::Quantized(q.clone()),
+                LinearWeight::Packed(p) => LinearWeight::Packed(p.clone()),
             },
             bias: self.bias.as_ref().map(Tensor::detach),
             lora: self.lora.as_ref().map(LoraLayer::detached),
@@ -206,7 +212,7 @@ impl Linear {
                 self.weight = LinearWeight::Dense(merged.detach());
                 Ok(())
             }
-            LinearWeight::Quantized(_) => {
+            LinearWeight::Quantized(_) | LinearWeight::Packed(_) => {
                 self.lora = Some(lora);
                 candle_core::bail!(
                     "cannot merge a LoRA adapter into a quantized weight; apply it unmerged"
@@ -226,6 +232,60 @@ impl Linear {
             self.weight = LinearWeight::Dense(w.t()?.contiguous()?.t()?);
         }
         Ok(())
+    }
+
+    /// A layer over a packed quantized weight.
+    pub fn from_packed(weight: PackedWeight, bias: Option<Tensor>) -> Self {
+        Self {
+            in_features: weight.in_features(),
+            out_features: weight.out_features(),
+            weight: LinearWeight::Packed(Arc::new(weight)),
+            bias,
+            lora: None,
+        }
+    }
+
+    /// Replaces the weight by a packed quantized one of the same shape (bias and any LoRA
+    /// update stay).
+    pub fn set_packed(&mut self, weight: PackedWeight) -> Result<()> {
+        if (weight.out_features(), weight.in_features()) != (self.out_features, self.in_features) {
+            candle_core::bail!(
+                "a packed {}x{} weight cannot replace a {}x{} one",
+                weight.out_features(),
+                weight.in_features(),
+                self.out_features,
+                self.in_features
+            );
+        }
+        self.weight = LinearWeight::Packed(Arc::new(weight));
+        Ok(())
+    }
+
+    /// Replaces the weight by a dense one of the same shape.
+    pub fn set_dense(&mut self, weight: Tensor) -> Result<()> {
+        let (o, i) = weight.dims2()?;
+        if (o, i) != (self.out_features, self.in_features) {
+            candle_core::bail!(
+                "a dense {o}x{i} weight cannot replace a {}x{} one",
+                self.out_features,
+                self.in_features
+            );
+        }
+        self.weight = LinearWeight::Dense(weight);
+        Ok(())
+    }
+
+    /// The weight as a dense `[out, in]` f32 tensor, whatever its storage.
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32),
+            LinearWeight::Quantized(q) => q.dequantize_f16()?.to_dtype(DType::F32),
+            LinearWeight::Packed(p) => Tensor::from_vec(
+                p.dequantize(),
+                (self.out_features, self.in_features),
+                &candle_core::Device::Cpu,
+            ),
+        }
     }
 
     /// Quantizes a dense weight in place to a GGML block format.
@@ -253,6 +313,15 @@ impl Linear {
             LinearWeight::Quantized(q) => {
                 let dtype = x.dtype();
                 q.forward(&x.to_dtype(DType::F32)?)?.to_dtype(dtype)?
+            }
+            LinearWeight::Packed(p) => {
+                let dims = x.dims();
+                let rows = x.elem_count() / self.in_features;
+                let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let mut out_shape = dims[..dims.len() - 1].to_vec();
+                out_shape.push(self.out_features);
+                Tensor::from_vec(p.matmul(&xs, rows)?, out_shape, x.device())?
+                    .to_dtype(x.dtype())?
             }
         };
         if let Some(b) = &self.bias {

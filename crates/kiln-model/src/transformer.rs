@@ -86,13 +86,13 @@ pub(crate) struct Attention {
 }
 
 impl Attention {
-    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &ModelConfig, linear: LinearLoader) -> Result<Self> {
         let (h, d) = (cfg.hidden_size, cfg.head_dim);
         Ok(Self {
-            q_proj: Linear::load(vb.pp("q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
-            k_proj: Linear::load(vb.pp("k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
-            v_proj: Linear::load(vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
-            o_proj: Linear::load(vb.pp("o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
+            q_proj: linear(vb.pp("q_proj"), h, cfg.num_heads * d, cfg.qkv_bias)?,
+            k_proj: linear(vb.pp("k_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            v_proj: linear(vb.pp("v_proj"), h, cfg.num_kv_heads * d, cfg.qkv_bias)?,
+            o_proj: linear(vb.pp("o_proj"), cfg.num_heads * d, h, cfg.o_bias)?,
             num_heads: cfg.num_heads,
             num_kv_heads: cfg.num_kv_heads,
             head_dim: d,
@@ -170,12 +170,12 @@ pub(crate) struct Mlp {
 }
 
 impl Mlp {
-    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &ModelConfig, linear: LinearLoader) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: Linear::load(vb.pp("gate_proj"), h, i, bias)?,
-            up_proj: Linear::load(vb.pp("up_proj"), h, i, bias)?,
-            down_proj: Linear::load(vb.pp("down_proj"), i, h, bias)?,
+            gate_proj: linear(vb.pp("gate_proj"), h, i, bias)?,
+            up_proj: linear(vb.pp("up_proj"), h, i, bias)?,
+            down_proj: linear(vb.pp("down_proj"), i, h, bias)?,
         })
     }
 
@@ -195,10 +195,10 @@ pub(crate) struct DecoderLayer {
 }
 
 impl DecoderLayer {
-    fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+    fn load(vb: VarBuilder, cfg: &ModelConfig, linear: LinearLoader) -> Result<Self> {
         Ok(Self {
-            self_attn: Attention::load(vb.pp("self_attn"), cfg)?,
-            mlp: Mlp::load(vb.pp("mlp"), cfg)?,
+            self_attn: Attention::load(vb.pp("self_attn"), cfg, linear)?,
+            mlp: Mlp::load(vb.pp("mlp"), cfg, linear)?,
             input_layernorm: RmsNorm::load(
                 vb.pp("input_layernorm"),
                 cfg.hidden_size,
@@ -336,6 +336,9 @@ impl DecoderLayer {
 }
 
 /// A decoder-only language model: `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
+/// Builds one linear layer: `(vb, in_features, out_features, bias)`, as [`Linear::load`].
+pub type LinearLoader<'a> = &'a dyn Fn(VarBuilder, usize, usize, bool) -> Result<Linear>;
+
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     pub(crate) cfg: ModelConfig,
@@ -354,18 +357,31 @@ impl CausalLm {
     /// Builds the model from a `VarBuilder` rooted at the checkpoint's top level (`model.*`,
     /// `lm_head.*`). With a `VarMap`-backed builder the weights are trainable variables.
     pub fn load(vb: VarBuilder, cfg: &ModelConfig) -> Result<Self> {
+        Self::load_with_linears(vb, cfg, &Linear::load)
+    }
+
+    /// [`CausalLm::load`] with every linear layer built by `linear(vb, in, out, bias)`, `vb`
+    /// rooted at the layer (`vb.prefix()` is its module path, e.g.
+    /// `model.layers.0.self_attn.q_proj`): how quantized checkpoints, whose layers store
+    /// `qweight`/`scales` instead of `weight`, are read through the same model code. A tied LM
+    /// head shares the embedding and is not built through `linear`.
+    pub fn load_with_linears(
+        vb: VarBuilder,
+        cfg: &ModelConfig,
+        linear: LinearLoader,
+    ) -> Result<Self> {
         let base = vb.pp("model");
         let embed_tokens = base
             .pp("embed_tokens")
             .get((cfg.vocab_size, cfg.hidden_size), "weight")?;
         let layers = (0..cfg.num_layers)
-            .map(|i| DecoderLayer::load(base.pp("layers").pp(i), cfg))
+            .map(|i| DecoderLayer::load(base.pp("layers").pp(i), cfg, linear))
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(base.pp("norm"), cfg.hidden_size, cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings {
             Linear::new(embed_tokens.clone(), None)?
         } else {
-            Linear::load(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
+            linear(vb.pp("lm_head"), cfg.hidden_size, cfg.vocab_size, false)?
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -643,7 +659,7 @@ impl CausalLm {
         for (path, linear) in self.linears() {
             match linear.weight() {
                 LinearWeight::Dense(w) => out.push((format!("{path}.weight"), w.clone())),
-                LinearWeight::Quantized(_) => candle_core::bail!(
+                LinearWeight::Quantized(_) | LinearWeight::Packed(_) => candle_core::bail!(
                     "`{path}` is quantized: a quantized model has no dense state dict"
                 ),
             }

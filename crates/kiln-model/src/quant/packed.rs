@@ -1,0 +1,520 @@
+//! The packed weight a quantized [`crate::Linear`] multiplies with, and its two kernels.
+//!
+//! Layout: one run of codes per output row, inputs in kernel order (act-order permutations are
+//! applied once, at packing, and the activations are gathered to match). 8-bit codes take a
+//! byte each; 4-bit codes go 32 to 16 bytes, byte `j` holding code `j` in its low nibble and
+//! code `j + 16` in its high one, so one block decodes to two runs of 16 lanes. Each group of
+//! `group_size` inputs has an f32 `scale` and `min`: `w = scale · q + min`.
+//!
+//! - **Few rows** (decode, batched decode): the codes are decoded block by block in registers
+//!   and dotted with every activation row while they are hot; the memory read is the packed
+//!   weight, ~7× less than f32 at 4 bits.
+//! - **Many rows** (prompt processing): a tile of output rows is dequantized into a small f32
+//!   buffer that stays in cache, and the GEMM multiplies it; the decode costs O(out · in) per
+//!   call against O(rows · out · in) for the product, so it vanishes as rows grow.
+
+use candle_core::Result;
+use rayon::prelude::*;
+
+use super::QuantizedMatrix;
+use crate::gemm::{MatMut, MatRef, matmul};
+
+/// Up to this many activation rows take the decode-in-registers kernel; more take the tiled
+/// dequantize + GEMM one (the crossover measured in `benches/quant_matmul.rs`).
+const MAX_GEMV_ROWS: usize = 4;
+/// Output rows a tile of the GEMM path dequantizes at once.
+const TILE_ROWS: usize = 32;
+/// Output rows a task of the decode path computes.
+const GEMV_CHUNK: usize = 16;
+
+/// A `[out_features, in_features]` weight as 4- or 8-bit codes with a scale and an offset per
+/// group of inputs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedWeight {
+    bits: u8,
+    group_size: usize,
+    in_features: usize,
+    out_features: usize,
+    /// `out_features` rows of `row_bytes` each.
+    codes: Vec<u8>,
+    /// `[out_features, n_groups]`.
+    scales: Vec<f32>,
+    mins: Vec<f32>,
+    /// Kernel input `k` reads activation `perm[k]`; `None` for the natural order.
+    perm: Option<Vec<u32>>,
+}
+
+impl PackedWeight {
+    /// Packs codes given in natural order, row-major `[out, in]` (`q[o · in + i]`, each below
+    /// `2^bits`), with `scales` and `mins` `[out, n_groups]`. `g_idx`, when given, is the group of
+    /// each input; inputs are then reordered so that every group is contiguous, which requires
+    /// each group to hold `group_size` inputs (the last one may hold fewer).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        bits: u8,
+        group_size: usize,
+        out_features: usize,
+        in_features: usize,
+        q: &[u8],
+        scales: Vec<f32>,
+        mins: Vec<f32>,
+        g_idx: Option<&[u32]>,
+    ) -> Result<Self> {
+        let n_groups = in_features.div_ceil(group_size.max(1));
+        if !matches!(bits, 4 | 8) {
+            candle_core::bail!("packed weights hold 4- or 8-bit codes, not {bits}");
+        }
+        if group_size == 0 || (bits == 4 && (group_size % 32 != 0 || in_features % 32 != 0)) {
+            candle_core::bail!(
+                "a 4-bit packed weight needs groups and rows of whole 32-input blocks \
+                 (group size {group_size}, {in_features} inputs)"
+            );
+        }
+        if q.len() != out_features * in_features
+            || scales.len() != out_features * n_groups
+            || mins.len() != out_features * n_groups
+        {
+            candle_core::bail!(
+                "packing a {out_features}x{in_features} weight in groups of {group_size}: got {} \
+                 codes, {} scales, {} mins (expected {}, {n}, {n})",
+                q.len(),
+                scales.len(),
+                mins.len(),
+                out_features * in_features,
+                n = out_features * n_groups
+            );
+        }
+        let perm = match g_idx {
+            Some(g) => Self::group_order(g, group_size, n_groups)?,
+            None => None,
+        };
+        let mut this = Self {
+            bits,
+            group_size,
+            in_features,
+            out_features,
+            codes: Vec::new(),
+            scales,
+            mins,
+            perm,
+        };
+        let row_bytes = this.row_bytes();
+        let mut codes = vec![0u8; out_features * row_bytes];
+        let mut ordered = vec![0u8; in_features];
+        for (o, dst) in codes.chunks_mut(row_bytes).enumerate() {
+            let row = &q[o * in_features..(o + 1) * in_features];
+            match &this.perm {
+                Some(p) => {
+                    for (v, &src) in ordered.iter_mut().zip(p) {
+                        *v = row[src as usize];
+                    }
+                }
+                None => ordered.copy_from_slice(row),
+            }
+            if bits == 8 {
+                dst.copy_from_slice(&ordered);
+            } else {
+                for (block, out) in ordered.chunks(32).zip(dst.chunks_mut(16)) {
+                    for j in 0..16 {
+                        out[j] = (block[j] & 0x0f) | (block[j + 16] << 4);
+                    }
+                }
+            }
+        }
+        this.codes = codes;
+        Ok(this)
+    }
+
+    /// Packs a GPTQ/AWQ-style matrix: `min = −scale · zero`.
+    pub fn from_quantized(m: &QuantizedMatrix) -> Result<Self> {
+        m.validate()?;
+        let mins = m
+            .scales
+            .iter()
+            .zip(&m.zeros)
+            .map(|(s, &z)| -s * f32::from(z))
+            .collect();
+        Self::new(
+            m.bits,
+            m.group_size,
+            m.out_features,
+            m.in_features,
+            &m.q,
+            m.scales.clone(),
+            mins,
+            m.g_idx.as_deref(),
+        )
+    }
+
+    /// The order that makes every group contiguous, or `None` when the inputs already are.
+    fn group_order(g_idx: &[u32], group_size: usize, n_groups: usize) -> Result<Option<Vec<u32>>> {
+        if g_idx
+            .iter()
+            .enumerate()
+            .all(|(i, &g)| g as usize == i / group_size)
+        {
+            return Ok(None);
+        }
+        let mut perm: Vec<u32> = (0..g_idx.len() as u32).collect();
+        perm.sort_by_key(|&i| g_idx[i as usize]);
+        for (k, &i) in perm.iter().enumerate() {
+            let g = g_idx[i as usize] as usize;
+            if g != k / group_size || g >= n_groups {
+                candle_core::bail!(
+                    "g_idx puts input {i} in group {g}, but groups must each hold {group_size} inputs"
+                );
+            }
+        }
+        Ok(Some(perm))
+    }
+
+    pub fn bits(&self) -> u8 {
+        self.bits
+    }
+
+    pub fn group_size(&self) -> usize {
+        self.group_size
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    /// Bytes held in memory: codes, scales, offsets and the permutation.
+    pub fn storage_bytes(&self) -> usize {
+        self.codes.len()
+            + 4 * (self.scales.len() + self.mins.len())
+            + 4 * self.perm.as_ref().map_or(0, Vec::len)
+    }
+
+    fn n_groups(&self) -> usize {
+        self.in_features.div_ceil(self.group_size)
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.in_features * usize::from(self.bits) / 8
+    }
+
+    /// The codes of output row `o` in natural input order.
+    pub fn codes_of_row(&self, o: usize) -> Vec<u8> {
+        let row = &self.codes[o * self.row_bytes()..(o + 1) * self.row_bytes()];
+        let ordered: Vec<u8> = if self.bits == 8 {
+            row.to_vec()
+        } else {
+            row.chunks(16)
+                .flat_map(|b| {
+                    let lo = b.iter().map(|&c| c & 0x0f);
+                    let hi = b.iter().map(|&c| c >> 4);
+                    lo.chain(hi).collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        match &self.perm {
+            Some(p) => {
+                let mut natural = vec![0u8; self.in_features];
+                for (k, &i) in p.iter().enumerate() {
+                    natural[i as usize] = ordered[k];
+                }
+                natural
+            }
+            None => ordered,
+        }
+    }
+
+    /// Dequantizes row `o` in kernel order into `dst`.
+    fn dequantize_row_ordered(&self, o: usize, dst: &mut [f32]) {
+        let rb = self.row_bytes();
+        let codes = &self.codes[o * rb..(o + 1) * rb];
+        let g_n = self.n_groups();
+        let (scales, mins) = (
+            &self.scales[o * g_n..(o + 1) * g_n],
+            &self.mins[o * g_n..(o + 1) * g_n],
+        );
+        let gs = self.group_size;
+        if self.bits == 8 {
+            for (g, (w, c)) in dst.chunks_mut(gs).zip(codes.chunks(gs)).enumerate() {
+                let (s, m) = (scales[g], mins[g]);
+                for (w, &c) in w.iter_mut().zip(c) {
+                    *w = f32::from(c).mul_add(s, m);
+                }
+            }
+        } else {
+            for (g, (w, c)) in dst.chunks_mut(gs).zip(codes.chunks(gs / 2)).enumerate() {
+                let (s, m) = (scales[g], mins[g]);
+                for (w, c) in w.chunks_exact_mut(32).zip(c.chunks_exact(16)) {
+                    let (lo, hi) = w.split_at_mut(16);
+                    for j in 0..16 {
+                        lo[j] = f32::from(c[j] & 0x0f).mul_add(s, m);
+                        hi[j] = f32::from(c[j] >> 4).mul_add(s, m);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The dense weight, row-major `[out_features, in_features]`, natural input order.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut ordered = vec![0f32; self.in_features];
+        let mut out = vec![0f32; self.out_features * self.in_features];
+        for (o, row) in out.chunks_mut(self.in_features).enumerate() {
+            self.dequantize_row_ordered(o, &mut ordered);
+            match &self.perm {
+                Some(p) => {
+                    for (k, &i) in p.iter().enumerate() {
+                        row[i as usize] = ordered[k];
+                    }
+                }
+                None => row.copy_from_slice(&ordered),
+            }
+        }
+        out
+    }
+
+    /// `y = x · Wᵀ` for `rows` activation rows `x` (`[rows, in_features]`, row-major); returns
+    /// `[rows, out_features]`.
+    pub fn matmul(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let (k, n) = (self.in_features, self.out_features);
+        if x.len() != rows * k {
+            candle_core::bail!(
+                "quantized matmul: {} activations for {rows} rows of {k}",
+                x.len()
+            );
+        }
+        let gathered;
+        let x = match &self.perm {
+            Some(p) => {
+                gathered = x
+                    .chunks(k)
+                    .flat_map(|row| p.iter().map(|&i| row[i as usize]))
+                    .collect::<Vec<f32>>();
+                &gathered[..]
+            }
+            None => x,
+        };
+        // Both kernels write yᵀ (`[out, rows]`): each task owns a contiguous run of output rows.
+        let mut yt = vec![0f32; n * rows];
+        if rows <= MAX_GEMV_ROWS {
+            self.gemv(x, rows, &mut yt);
+        } else {
+            self.tiled_gemm(x, rows, &mut yt)?;
+        }
+        if rows == 1 {
+            return Ok(yt);
+        }
+        let mut y = vec![0f32; rows * n];
+        for (o, col) in yt.chunks(rows).enumerate() {
+            for (r, &v) in col.iter().enumerate() {
+                y[r * n + o] = v;
+            }
+        }
+        Ok(y)
+    }
+
+    /// Decode-in-registers kernel for a few rows.
+    fn gemv(&self, x: &[f32], rows: usize, yt: &mut [f32]) {
+        let (k, gs, g_n) = (self.in_features, self.group_size, self.n_groups());
+        // Σx per row and group: the `min` term of every output is `min · Σx`.
+        let xsum: Vec<f32> = x
+            .chunks(k)
+            .flat_map(|row| row.chunks(gs).map(|g| g.iter().sum::<f32>()))
+            .collect();
+        let rb = self.row_bytes();
+        yt.par_chunks_mut(GEMV_CHUNK * rows)
+            .enumerate()
+            .for_each(|(chunk, out)| {
+                let mut acc = vec![[0f32; 16]; rows];
+                for (local, y) in out.chunks_mut(rows).enumerate() {
+                    let o = chunk * GEMV_CHUNK + local;
+                    let codes = &self.codes[o * rb..(o + 1) * rb];
+                    for g in 0..g_n {
+                        let (start, end) = (g * gs, ((g + 1) * gs).min(k));
+                        acc.iter_mut().for_each(|a| *a = [0.0; 16]);
+                        if self.bits == 4 {
+                            let c = &codes[start / 2..end / 2];
+                            dot_4bit(c, x, k, start, &mut acc);
+                        } else {
+                            dot_8bit(&codes[start..end], x, k, start, &mut acc);
+                        }
+                        let (s, m) = (self.scales[o * g_n + g], self.mins[o * g_n + g]);
+                        for (r, a) in acc.iter().enumerate() {
+                            let dot: f32 = a.iter().sum();
+                            y[r] += dot.mul_add(s, m * xsum[r * g_n + g]);
+                        }
+                    }
+                }
+            });
+    }
+
+    /// Dequantize a tile of output rows into cache, multiply it with the GEMM.
+    fn tiled_gemm(&self, x: &[f32], rows: usize, yt: &mut [f32]) -> Result<()> {
+        let k = self.in_features;
+        yt.par_chunks_mut(TILE_ROWS * rows)
+            .enumerate()
+            .try_for_each_init(Vec::new, |tile: &mut Vec<f32>, (t, out)| {
+                let n_rows = out.len() / rows;
+                tile.resize(n_rows * k, 0.0);
+                for (local, w) in tile.chunks_mut(k).enumerate() {
+                    self.dequantize_row_ordered(t * TILE_ROWS + local, w);
+                }
+                let mut dst = MatMut::new(out, 0, n_rows, rows, rows)?;
+                let w = MatRef::new(tile, 0, n_rows, k, k)?;
+                let xt = MatRef::new(x, 0, rows, k, k)?.t();
+                matmul(&mut dst, w, xt, 1.0, false)
+            })
+    }
+}
+
+/// `acc[r][lane] += w · x[r]` over the 4-bit blocks `c` (inputs `start..`), 16 lanes at a time.
+#[inline]
+fn dot_4bit(c: &[u8], x: &[f32], k: usize, start: usize, acc: &mut [[f32; 16]]) {
+    for (b, block) in c.chunks_exact(16).enumerate() {
+        let mut lo = [0f32; 16];
+        let mut hi = [0f32; 16];
+        for j in 0..16 {
+            lo[j] = f32::from(block[j] & 0x0f);
+            hi[j] = f32::from(block[j] >> 4);
+        }
+        let at = start + 32 * b;
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xs = &x[r * k + at..r * k + at + 32];
+            let (xl, xh) = xs.split_at(16);
+            for j in 0..16 {
+                a[j] = lo[j].mul_add(xl[j], a[j]);
+                a[j] = hi[j].mul_add(xh[j], a[j]);
+            }
+        }
+    }
+}
+
+/// `acc[r][lane] += w · x[r]` over the 8-bit codes `c` (inputs `start..`), 16 lanes at a time.
+#[inline]
+fn dot_8bit(c: &[u8], x: &[f32], k: usize, start: usize, acc: &mut [[f32; 16]]) {
+    let whole = c.len() / 16 * 16;
+    for (b, block) in c[..whole].chunks_exact(16).enumerate() {
+        let mut w = [0f32; 16];
+        for j in 0..16 {
+            w[j] = f32::from(block[j]);
+        }
+        let at = start + 16 * b;
+        for (r, a) in acc.iter_mut().enumerate() {
+            let xs = &x[r * k + at..r * k + at + 16];
+            for j in 0..16 {
+                a[j] = w[j].mul_add(xs[j], a[j]);
+            }
+        }
+    }
+    for (j, &code) in c[whole..].iter().enumerate() {
+        let i = start + whole + j;
+        for (r, a) in acc.iter_mut().enumerate() {
+            a[0] = f32::from(code).mul_add(x[r * k + i], a[0]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_matrix(bits: u8, group: usize, out: usize, inp: usize, seed: u64) -> QuantizedMatrix {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let maxq = (1u16 << bits) - 1;
+        let g_n = inp.div_ceil(group);
+        QuantizedMatrix {
+            bits,
+            group_size: group,
+            out_features: out,
+            in_features: inp,
+            q: (0..out * inp)
+                .map(|_| rng.random_range(0..=maxq) as u8)
+                .collect(),
+            scales: (0..out * g_n)
+                .map(|_| rng.random_range(0.01..0.1))
+                .collect(),
+            zeros: (0..out * g_n)
+                .map(|_| rng.random_range(0..=maxq) as u8)
+                .collect(),
+            g_idx: None,
+        }
+    }
+
+    fn reference(w: &[f32], x: &[f32], rows: usize, out: usize, inp: usize) -> Vec<f32> {
+        let mut y = vec![0f32; rows * out];
+        for r in 0..rows {
+            for o in 0..out {
+                y[r * out + o] = (0..inp)
+                    .map(|i| f64::from(w[o * inp + i]) * f64::from(x[r * inp + i]))
+                    .sum::<f64>() as f32;
+            }
+        }
+        y
+    }
+
+    fn check(m: &QuantizedMatrix) -> Result<()> {
+        let packed = PackedWeight::from_quantized(m)?;
+        let w = m.dequantize();
+        let pw = packed.dequantize();
+        for (a, b) in w.iter().zip(&pw) {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        for o in [0, m.out_features - 1] {
+            assert_eq!(
+                packed.codes_of_row(o),
+                m.q[o * m.in_features..(o + 1) * m.in_features]
+            );
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+        for rows in [1, 3, 4, 5, 17] {
+            let x: Vec<f32> = (0..rows * m.in_features)
+                .map(|_| rng.random_range(-1.0..1.0))
+                .collect();
+            let got = packed.matmul(&x, rows)?;
+            let want = reference(&w, &x, rows, m.out_features, m.in_features);
+            for (a, b) in got.iter().zip(&want) {
+                assert!(
+                    (a - b).abs() < 1e-3 * (1.0 + b.abs()),
+                    "rows {rows}: {a} vs {b}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn both_kernels_match_the_dequantized_product() -> Result<()> {
+        check(&random_matrix(4, 32, 40, 96, 1))?;
+        check(&random_matrix(4, 64, 33, 128, 2))?;
+        check(&random_matrix(8, 16, 19, 72, 3))?;
+        check(&random_matrix(8, 72, 5, 72, 4))?;
+        Ok(())
+    }
+
+    #[test]
+    fn act_order_groups_are_gathered() -> Result<()> {
+        let mut m = random_matrix(4, 32, 24, 96, 5);
+        // Groups formed in a shuffled order of the inputs, as act-order does.
+        let mut order: Vec<usize> = (0..96).collect();
+        order.reverse();
+        order.swap(3, 50);
+        let mut g_idx = vec![0u32; 96];
+        for (k, &i) in order.iter().enumerate() {
+            g_idx[i] = (k / 32) as u32;
+        }
+        m.g_idx = Some(g_idx);
+        check(&m)
+    }
+
+    #[test]
+    fn bad_shapes_are_named() {
+        let m = random_matrix(4, 32, 8, 64, 6);
+        let err = PackedWeight::new(4, 32, 8, 64, &m.q[1..], m.scales.clone(), m.scales, None)
+            .unwrap_err();
+        assert!(err.to_string().contains("511 codes"), "{err}");
+        let err = PackedWeight::new(4, 16, 8, 64, &m.q, vec![], vec![], None).unwrap_err();
+        assert!(err.to_string().contains("32-input blocks"), "{err}");
+    }
+}
