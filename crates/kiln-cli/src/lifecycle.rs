@@ -61,6 +61,7 @@ struct Report {
     reward: Option<RewardReport>,
     dpo: Option<DpoReport>,
     ppo: Option<PpoReport>,
+    quantize: Option<crate::lifecycle_quantize::QuantizeStageReport>,
     serve: Option<crate::lifecycle_serve::ServeReport>,
     gateway: Option<crate::lifecycle_gateway::GatewayReport>,
 }
@@ -90,7 +91,7 @@ struct RewardReport {
 }
 
 /// The stages `kiln lifecycle` runs.
-const STAGES: usize = 9;
+const STAGES: usize = 10;
 
 #[derive(Debug, Serialize)]
 struct DpoReport {
@@ -209,6 +210,8 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         "reward",
         "dpo",
         "ppo",
+        "aligned",
+        "quantized",
         "gateway",
     ] {
         let p = out.join(sub);
@@ -413,7 +416,32 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         ),
     );
 
-    // 8. Serve the SFT model with the DPO and PPO adapters behind the OpenAI API.
+    // 8. Quantize the aligned model (SFT + DPO merged): 8 and 4 bits, RTN vs GPTQ vs AWQ; serve the
+    //    best 4-bit one; export GGUF.
+    let t = Instant::now();
+    let aligned = out.join("aligned");
+    merge_adapter(&sft_merged, &dpo_dir, &aligned).context("stage quantize: merging DPO")?;
+    let question = read_eval(&data_dir.join(eval_file(Task::ALL[0])))
+        .ok()
+        .and_then(|e| e.into_iter().next())
+        .map(|e| e.prompt)
+        .unwrap_or_else(|| "Where does Ada live?".to_string());
+    let quantize_report = crate::lifecycle_quantize::quantize_stage(
+        &aligned,
+        &data_dir.join("corpus/pretrain.jsonl"),
+        &out.join("quantized"),
+        &question,
+        args.quick,
+    )
+    .context("stage quantize")?;
+    finish_stage(
+        &mut stages,
+        "quantize",
+        t,
+        crate::lifecycle_quantize::headline(&quantize_report),
+    );
+
+    // 9. Serve the SFT model with the DPO and PPO adapters behind the OpenAI API.
     let t = Instant::now();
     let questions: Vec<String> = Task::ALL
         .iter()
@@ -449,7 +477,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         ),
     );
 
-    // 9. The gateway in front of the served models.
+    // 10. The gateway in front of the served models.
     let t = Instant::now();
     let gateway_report =
         crate::lifecycle_gateway::gateway_stage(&server.url(), "dpo", &out.join("gateway"))
@@ -486,6 +514,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         reward: Some(reward_report),
         dpo: Some(dpo_report),
         ppo: Some(ppo_report),
+        quantize: Some(quantize_report),
         serve: Some(serve_report),
         gateway: Some(gateway_report),
     };
@@ -524,7 +553,7 @@ fn pretrain_config(corpus: &Path, out: &Path, quick: bool, seed: u64) -> Result<
     let (hidden, inter, layers, heads, len, steps, batch) = if quick {
         (96, 256, 2, 4, 64, 300, 8)
     } else {
-        (128, 344, 4, 4, 96, 600, 8)
+        (128, 352, 4, 4, 96, 600, 8)
     };
     let yaml = format!(
         "dataset_path: {}\noutput_dir: {}\nvocab_size: 768\nhidden_size: {hidden}\n\
@@ -907,6 +936,63 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
                 .map(|kl| format!("; final KL to the reference {kl:.2} nats"))
                 .unwrap_or_default()
         );
+    }
+    if let Some(q) = &report.quantize {
+        let _ = writeln!(
+            md,
+            "\n## Quantization\n\nThe aligned model (`aligned/`: SFT with the DPO adapter merged), \
+             quantized with `kiln quantize` in groups of {} inputs, calibrated on the world's corpus, \
+             perplexity on a held-out tenth of it. Checkpoints in `quantized/` (GPTQ or AWQ layout, \
+             load in transformers and in every kiln command).\n",
+            crate::lifecycle_quantize::GROUP_SIZE
+        );
+        md.push_str(
+            "| variant | layout | bits/weight | size | perplexity | change |\n|---|---|---|---|---|---|\n",
+        );
+        if let Some(first) = q.variants.first() {
+            let _ = writeln!(
+                md,
+                "| f32 | safetensors | 32 | {:.1} KiB | {:.4} | |",
+                first.source_bytes as f64 / 1024.0,
+                first.perplexity_before.unwrap_or(f64::NAN)
+            );
+        }
+        for v in &q.variants {
+            let _ = writeln!(
+                md,
+                "| {} {}-bit{} | {} | {:.2} | {:.1} KiB | {:.4} | {:+.2}% |",
+                v.method.to_uppercase(),
+                v.bits,
+                if v.act_order { " act-order" } else { "" },
+                v.format,
+                v.bits_per_weight,
+                v.quantized_bytes as f64 / 1024.0,
+                v.perplexity_after.unwrap_or(f64::NAN),
+                100.0 * v.perplexity_change().unwrap_or(f64::NAN)
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\nServed: `{}` (lowest 4-bit perplexity) at {:.0} output tokens/s at concurrency 1, \
+             against {:.0} for the f32 model. Asked \"{}\", it replied \"{}\".\n",
+            q.chosen,
+            q.chosen_tokens_per_s,
+            q.f32_tokens_per_s,
+            q.question,
+            q.chosen_reply.replace('\n', " ")
+        );
+        md.push_str(
+            "GGUF exports (`kiln export gguf`):\n\n| file | size | bits/weight |\n|---|---|---|\n",
+        );
+        for g in &q.gguf {
+            let _ = writeln!(
+                md,
+                "| `quantized/{}` | {:.1} KiB | {:.2} |",
+                g.file,
+                g.bytes as f64 / 1024.0,
+                g.bits_per_weight
+            );
+        }
     }
     if let Some(sv) = &report.serve {
         let _ = writeln!(

@@ -8,16 +8,19 @@ mod dpo;
 mod eval;
 mod eval_logps;
 mod eval_reward;
+mod export;
 mod gateway;
 mod generate;
 mod info;
 mod lifecycle;
 mod lifecycle_gateway;
+mod lifecycle_quantize;
 mod lifecycle_serve;
 mod merge;
 mod model_args;
 mod ppo;
 mod pretrain;
+mod quantize;
 mod reward;
 mod serve;
 mod sft;
@@ -65,6 +68,11 @@ enum Command {
     /// Evaluate a model.
     #[command(subcommand)]
     Eval(eval::EvalCommand),
+    /// Quantize a model to 4 or 8 bits with RTN, GPTQ or AWQ (a GPTQ or AWQ checkpoint).
+    Quantize(quantize::QuantizeArgs),
+    /// Export a model to another format: `kiln export gguf` for llama.cpp and Ollama.
+    #[command(subcommand)]
+    Export(export::ExportCommand),
     /// Describe a model: architecture, parameters, dtype, context length.
     Info(info::InfoArgs),
     /// Merge a LoRA adapter into its base model and save a plain model directory.
@@ -96,6 +104,8 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd),
         Command::Generate(args) => generate::run(args),
         Command::Eval(cmd) => eval::run(cmd),
+        Command::Export(cmd) => export::run(cmd),
+        Command::Quantize(args) => quantize::run(args),
         Command::Info(args) => info::run(args),
         Command::Merge(args) => merge::run(args),
         Command::Pretrain(args) => pretrain::run(args),

@@ -87,6 +87,52 @@ impl Tokenizer {
         })
     }
 
+    /// A tokenizer from the text of a `tokenizer.json`, with the special tokens by role
+    /// (`"bos_token"` → `"<s>"`) and the chat template given directly rather than read from
+    /// `tokenizer_config.json`: for containers that carry a tokenizer inside them (a GGUF file's
+    /// `tokenizer.huggingface.json` and `tokenizer.chat_template`). `origin` names the container
+    /// in errors.
+    pub fn from_json_str(
+        json: &str,
+        origin: &Path,
+        special_tokens: BTreeMap<String, String>,
+        chat_template: Option<&str>,
+    ) -> Result<Self> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(|e| Error::Tokenizer {
+            path: origin.to_path_buf(),
+            message: format!("the embedded tokenizer.json cannot be loaded: {e}"),
+        })?;
+        let chat_template = chat_template
+            .map(|s| ChatTemplate::new(s, special_tokens.clone()))
+            .transpose()?;
+        Ok(Self {
+            inner,
+            path: origin.to_path_buf(),
+            special_tokens,
+            chat_template,
+        })
+    }
+
+    /// The chat template's source as [`Tokenizer::from_dir`] finds it in a model directory
+    /// (`chat_template.jinja`, else `chat_template` in `tokenizer_config.json`), or `None`.
+    pub fn chat_template_source(dir: &Path) -> Result<Option<String>> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            return std::fs::read_to_string(&jinja)
+                .map(Some)
+                .map_err(|source| Error::Io {
+                    path: jinja.clone(),
+                    source,
+                });
+        }
+        let config_path = dir.join("tokenizer_config.json");
+        if !config_path.is_file() {
+            return Ok(None);
+        }
+        let config: Value = crate::read_json(&config_path)?;
+        inline_template(&config, &config_path)
+    }
+
     /// Encodes as `tokenizer(text)` does: with `add_special_tokens` the post-processor adds BOS
     /// (or whatever the checkpoint's template says).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {

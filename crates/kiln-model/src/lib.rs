@@ -96,7 +96,7 @@ pub use lora::{LoraAdapter, LoraConfig, TargetModules};
 pub use paged::{PagedKvCache, PagedSeq};
 pub use sampling::{Sampler, SamplingParams};
 pub use save::{SavedModel, save_model_dir};
-pub use transformer::{CausalLm, LinearLoader};
+pub use transformer::{CausalLm, LinearLoader, Observer};
 
 /// How to load a model.
 #[derive(Debug, Clone)]
@@ -133,10 +133,24 @@ pub struct LoadedModel {
 }
 
 impl LoadedModel {
-    /// Loads `spec`: a directory, or a hub id found in the local Hugging Face cache.
+    /// Loads `spec`: a directory, a hub id found in the local Hugging Face cache, or a `.gguf`
+    /// file. A directory whose `config.json` has a `quantization_config` (GPTQ, AWQ) loads its
+    /// quantized layers as such ([`quant::checkpoint`]); an adapter on it is applied unmerged
+    /// to those layers, since a quantized weight cannot absorb it (`merge_adapter` then merges
+    /// into the dense layers only).
     pub fn load(spec: &str, options: &LoadOptions) -> Result<Self> {
+        let as_path = std::path::Path::new(spec);
+        if as_path.is_file()
+            && as_path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            return quant::gguf::load_gguf(as_path, options);
+        }
         let dir = ModelDir::resolve(spec)?;
         let config = dir.config()?;
+        let quantization =
+            quant::checkpoint::QuantizationConfig::from_config_file(&dir.file("config.json"))?;
         let generation_config = dir.generation_config()?;
         let dtype = options.dtype.unwrap_or(match options.device {
             Device::Cpu => DType::F32,
@@ -153,12 +167,28 @@ impl LoadedModel {
             }
             None => None,
         };
-        let vb = weights.into_var_builder(dtype, &options.device);
-        let mut model = CausalLm::load(vb, &config)?;
+        let mut model = match &quantization {
+            Some(qcfg) => quant::checkpoint::load_quantized_weights(
+                weights,
+                &config,
+                qcfg,
+                dtype,
+                &options.device,
+            )?,
+            None => CausalLm::load(weights.into_var_builder(dtype, &options.device), &config)?,
+        };
         if let Some(adapter) = &adapter {
             adapter.apply(&mut model)?;
             if options.merge_adapter {
-                model.merge_lora()?;
+                if quantization.is_some() {
+                    for (_, linear) in model.linears_mut() {
+                        if matches!(linear.weight(), LinearWeight::Dense(_)) {
+                            linear.merge_lora()?;
+                        }
+                    }
+                } else {
+                    model.merge_lora()?;
+                }
             }
         }
         let tokenizer = Tokenizer::from_dir(dir.root())?;

@@ -288,6 +288,30 @@ impl Linear {
         }
     }
 
+    /// `W ← W · diag(s)`: scales input channel `j` by `s[j]` (a dense weight; AWQ's scaling).
+    pub fn multiply_inputs(&mut self, s: &Tensor) -> Result<()> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            candle_core::bail!("only a dense weight can be rescaled");
+        };
+        let s = s.to_dtype(w.dtype())?.reshape((1, self.in_features))?;
+        self.weight = LinearWeight::Dense(w.broadcast_mul(&s)?.detach());
+        Ok(())
+    }
+
+    /// `W ← diag(1/s) · W`, `b ← b / s`: divides output channel `j` by `s[j]`, so that a next layer
+    /// whose inputs are multiplied by `s` computes what it computed before (AWQ's folding).
+    pub fn divide_outputs(&mut self, s: &Tensor) -> Result<()> {
+        let LinearWeight::Dense(w) = &self.weight else {
+            candle_core::bail!("only a dense weight can be rescaled");
+        };
+        let col = s.to_dtype(w.dtype())?.reshape((self.out_features, 1))?;
+        self.weight = LinearWeight::Dense(w.broadcast_div(&col)?.detach());
+        if let Some(b) = &self.bias {
+            self.bias = Some(b.broadcast_div(&s.to_dtype(b.dtype())?)?.detach());
+        }
+        Ok(())
+    }
+
     /// Quantizes a dense weight in place to a GGML block format.
     pub fn quantize(&mut self, dtype: GgmlDType) -> Result<()> {
         if let LinearWeight::Dense(w) = &self.weight {

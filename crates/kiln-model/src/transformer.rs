@@ -117,6 +117,11 @@ impl Attention {
             return self.o_proj.forward(&out);
         }
         let (rope, mask) = (ctx.rope, ctx.mask);
+        if let Some(observe) = ctx.observe {
+            for name in ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"] {
+                observe(name, x);
+            }
+        }
         let heads = |t: Tensor, n: usize| t.reshape((b, s, n, hd))?.transpose(1, 2);
         let q = rope.apply(&heads(self.q_proj.forward(x)?, nh)?)?;
         let k = rope.apply(&heads(self.k_proj.forward(x)?, nkv)?)?;
@@ -145,6 +150,9 @@ impl Attention {
             .reshape((b, nh, s, hd))?
             .transpose(1, 2)?
             .reshape((b * s, nh * hd))?;
+        if let Some(observe) = ctx.observe {
+            observe("self_attn.o_proj", &out);
+        }
         self.o_proj.forward(&out)
     }
 }
@@ -160,6 +168,8 @@ struct LayerContext<'a> {
     fused: Option<&'a CausalSelfAttention>,
     /// Gradient sink and buffer pool of fused layers; `None` when layers run composed.
     fused_state: Option<&'a FusedState>,
+    /// Sees the input of every linear layer (calibration for quantization); composed path only.
+    observe: Option<Observer<'a>>,
 }
 
 #[derive(Debug, Clone)]
@@ -179,10 +189,16 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, observe: Option<Observer>) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        self.down_proj.forward(&crate::ops::swiglu(&gate, &up)?)
+        let act = crate::ops::swiglu(&gate, &up)?;
+        if let Some(observe) = observe {
+            observe("mlp.gate_proj", x);
+            observe("mlp.up_proj", x);
+            observe("mlp.down_proj", &act);
+        }
+        self.down_proj.forward(&act)
     }
 }
 
@@ -229,7 +245,7 @@ impl DecoderLayer {
             .forward(&self.input_layernorm.forward(x)?, ctx, cache)?)?;
         &h + self
             .mlp
-            .forward(&self.post_attention_layernorm.forward(&h)?)?
+            .forward(&self.post_attention_layernorm.forward(&h)?, ctx.observe)?
     }
 
     fn detached(&self) -> Self {
@@ -335,10 +351,13 @@ impl DecoderLayer {
     }
 }
 
-/// A decoder-only language model: `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
+/// Sees `(name, input)` for each linear layer a calibration pass runs ([`CausalLm::layer_forward`]).
+pub type Observer<'a> = &'a dyn Fn(&str, &Tensor);
+
 /// Builds one linear layer: `(vb, in_features, out_features, bias)`, as [`Linear::load`].
 pub type LinearLoader<'a> = &'a dyn Fn(VarBuilder, usize, usize, bool) -> Result<Linear>;
 
+/// A decoder-only language model: `LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM`.
 #[derive(Debug, Clone)]
 pub struct CausalLm {
     pub(crate) cfg: ModelConfig,
@@ -546,6 +565,7 @@ impl CausalLm {
                     fused_full.as_ref()
                 },
                 fused_state: self.fused_layers.then_some(&self.fused_state),
+                observe: None,
             };
             let layer_cache = cache.as_deref_mut().map(|c| (c, i));
             x = layer.forward(&x, &ctx, layer_cache)?;
@@ -700,6 +720,97 @@ impl CausalLm {
                 linear.quantize(dtype)?;
             }
         }
+        Ok(())
+    }
+
+    /// Embedding rows `[batch · seq, hidden]` for `input_ids` `[batch, seq]`: the input of
+    /// decoder layer 0, for layer-by-layer calibration ([`CausalLm::layer_forward`]).
+    pub fn embed_rows(&self, input_ids: &Tensor) -> Result<Tensor> {
+        self.embed_tokens.index_select(&input_ids.flatten_all()?, 0)
+    }
+
+    /// Runs decoder layer `layer` alone over `x` (`[batch · seq, hidden]`, positions `0..seq`,
+    /// causal), the composed path, outside any graph; `observe(name, input)` sees the input of
+    /// each of its linear layers, named as in [`CausalLm::layer_linear_mut`]. This is what GPTQ
+    /// and AWQ calibrate on, one block at a time.
+    pub fn layer_forward(
+        &self,
+        layer: usize,
+        x: &Tensor,
+        batch: usize,
+        seq: usize,
+        observe: Option<Observer>,
+    ) -> Result<Tensor> {
+        let Some(block) = self.layers.get(layer) else {
+            candle_core::bail!("layer {layer}: the model has {}", self.layers.len());
+        };
+        let window = self
+            .cfg
+            .sliding_window
+            .filter(|_| self.cfg.sliding_layers[layer]);
+        let rope = self.rope.tables(0, seq, x.dtype())?;
+        let mask = self.attention_mask(0, seq, window, x.dtype())?;
+        let ctx = LayerContext {
+            batch,
+            seq,
+            rope: &rope,
+            mask: mask.as_ref(),
+            fused: None,
+            fused_state: None,
+            observe,
+        };
+        block.forward(x, &ctx, None)
+    }
+
+    /// The names [`CausalLm::layer_linear_mut`] takes, in the order a block computes them.
+    pub const LAYER_LINEARS: [&'static str; 7] = [
+        "self_attn.q_proj",
+        "self_attn.k_proj",
+        "self_attn.v_proj",
+        "self_attn.o_proj",
+        "mlp.gate_proj",
+        "mlp.up_proj",
+        "mlp.down_proj",
+    ];
+
+    /// One linear layer of decoder layer `layer`, by its name within the block
+    /// (`self_attn.q_proj`, …, `mlp.down_proj`).
+    pub fn layer_linear_mut(&mut self, layer: usize, name: &str) -> Result<&mut Linear> {
+        let n = self.layers.len();
+        let Some(block) = self.layers.get_mut(layer) else {
+            candle_core::bail!("layer {layer}: the model has {n}");
+        };
+        match block
+            .linears_mut()
+            .into_iter()
+            .find(|(path, _)| *path == name)
+        {
+            Some((_, linear)) => Ok(linear),
+            None => candle_core::bail!("no linear layer `{name}` in a decoder block"),
+        }
+    }
+
+    /// Divides the weight of decoder layer `layer`'s `input_layernorm` (or, with `post_attention`,
+    /// its `post_attention_layernorm`) by `scales` per channel: AWQ folds the inverse of its
+    /// input-channel scales into the norm that feeds the scaled linear layers.
+    pub fn divide_layer_norm(
+        &mut self,
+        layer: usize,
+        post_attention: bool,
+        scales: &Tensor,
+    ) -> Result<()> {
+        let Some(block) = self.layers.get_mut(layer) else {
+            candle_core::bail!("layer {layer}: the model has {}", self.cfg.num_layers);
+        };
+        let norm = if post_attention {
+            &mut block.post_attention_layernorm
+        } else {
+            &mut block.input_layernorm
+        };
+        norm.weight = norm
+            .weight
+            .broadcast_div(&scales.to_dtype(norm.weight.dtype())?)?
+            .detach();
         Ok(())
     }
 

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod gguf;
 pub mod gptq_format;
 mod packed;
+mod simd;
 
 pub use packed::PackedWeight;
 
