@@ -941,8 +941,8 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
         let _ = writeln!(
             md,
             "\n## Quantization\n\nThe aligned model (`aligned/`: SFT with the DPO adapter merged), \
-             quantized with `kiln quantize` in groups of {} inputs, calibrated on the world's corpus, \
-             perplexity on a held-out tenth of it. Checkpoints in `quantized/` (GPTQ or AWQ layout, \
+             quantized with `kiln quantize` (8 bits in groups of {} inputs, 4 bits one group per \
+             row), calibrated on the world's corpus, perplexity on a held-out tenth of it. Checkpoints in `quantized/` (GPTQ or AWQ layout, \
              load in transformers and in every kiln command).\n",
             crate::lifecycle_quantize::GROUP_SIZE
         );
@@ -960,10 +960,15 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
         for v in &q.variants {
             let _ = writeln!(
                 md,
-                "| {} {}-bit{} | {} | {:.2} | {:.1} KiB | {:.4} | {:+.2}% |",
+                "| {} {}-bit {}{} | {} | {:.2} | {:.1} KiB | {:.4} | {:+.2}% |",
                 v.method.to_uppercase(),
                 v.bits,
-                if v.act_order { " act-order" } else { "" },
+                if v.group_size < 0 {
+                    "per row".to_string()
+                } else {
+                    format!("g{}", v.group_size)
+                },
+                if v.act_order { ", act-order" } else { "" },
                 v.format,
                 v.bits_per_weight,
                 v.quantized_bytes as f64 / 1024.0,
@@ -982,15 +987,17 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
             q.chosen_reply.replace('\n', " ")
         );
         md.push_str(
-            "GGUF exports (`kiln export gguf`):\n\n| file | size | bits/weight |\n|---|---|---|\n",
+            "GGUF exports (`kiln export gguf`), perplexity on the same text:\n\n\
+             | file | size | bits/weight | perplexity |\n|---|---|---|---|\n",
         );
         for g in &q.gguf {
             let _ = writeln!(
                 md,
-                "| `quantized/{}` | {:.1} KiB | {:.2} |",
+                "| `quantized/{}` | {:.1} KiB | {:.2} | {:.4} |",
                 g.file,
                 g.bytes as f64 / 1024.0,
-                g.bits_per_weight
+                g.bits_per_weight,
+                g.perplexity
             );
         }
     }

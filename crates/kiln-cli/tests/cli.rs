@@ -359,8 +359,46 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
     assert_eq!(
         stages,
         [
-            "synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo", "serve", "gateway"
+            "synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo", "quantize", "serve",
+            "gateway"
         ]
+    );
+    // Quantization: 8 bits and Q8_0 stay within 1% of f32's perplexity; at 4 bits GPTQ and AWQ
+    // move it less than round-to-nearest does; the chosen model served and answered.
+    let quantize = &report["quantize"];
+    let variants = quantize["variants"].as_array().unwrap();
+    let drift = |method: &str, bits: u64| -> f64 {
+        let v = variants
+            .iter()
+            .find(|v| v["method"] == method && v["bits"] == bits)
+            .unwrap_or_else(|| panic!("no {method} {bits}-bit variant: {quantize}"));
+        let (before, after) = (
+            v["perplexity_before"].as_f64().unwrap(),
+            v["perplexity_after"].as_f64().unwrap(),
+        );
+        (after / before - 1.0).abs()
+    };
+    assert!(
+        drift("rtn", 8) < 0.01 && drift("gptq", 8) < 0.01,
+        "{quantize}"
+    );
+    assert!(drift("gptq", 4) < drift("rtn", 4), "{quantize}");
+    assert!(drift("awq", 4) < drift("rtn", 4), "{quantize}");
+    let f32_ppl = variants[0]["perplexity_before"].as_f64().unwrap();
+    let q8 = quantize["gguf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["file"].as_str().unwrap().contains("q8_0"))
+        .unwrap();
+    assert!(
+        (q8["perplexity"].as_f64().unwrap() / f32_ppl - 1.0).abs() < 0.01,
+        "{quantize}"
+    );
+    assert!(quantize["chosen_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        !quantize["chosen_reply"].as_str().unwrap().is_empty(),
+        "{quantize}"
     );
     // The gateway: the key is let through and its absence refused, the repeat comes from the
     // cache, and the burst runs into the key's rate limit.
@@ -453,6 +491,7 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
         md.contains("| pretrain |")
             && md.contains("loss_curve.png")
             && md.contains("Supervised fine-tuning (LoRA)")
+            && md.contains("## Quantization")
             && md.contains("## Serving")
             && md.contains("## Gateway"),
         "{md}"

@@ -184,9 +184,26 @@ pub fn quantize_dir(opts: &QuantizeDirOptions) -> Result<QuantizeReport> {
         None => held_out,
     };
     let seq_len = opts.seq_len.min(config.max_position_embeddings).max(2);
-    let stream = calib::token_stream(&tokenizer, &calib_docs)?;
-    let windows = calib::windows(&stream, opts.samples, seq_len, opts.seed)?;
+    let mut stream = calib::token_stream(&tokenizer, &calib_docs)?;
     let mut eval_ids = tokenizer.encode(&eval_text, true).map_err(err)?;
+    if opts.evaluate && opts.eval_text.is_none() && eval_ids.len() < 2 {
+        // A single calibration document leaves no document to hold out: hold out the last
+        // tenth of its tokens instead.
+        let held = stream.len() / 10;
+        if held >= 2 {
+            eval_ids = stream.split_off(stream.len() - held);
+        }
+    }
+    if opts.evaluate && eval_ids.len() < 2 {
+        candle_core::bail!(
+            "the evaluation text has {} token(s), too few to measure perplexity on: pass \
+             --eval-text FILE, more calibration text, or --no-eval",
+            eval_ids.len()
+        );
+    }
+    let windows = calib::windows(&stream, opts.samples, seq_len, opts.seed)?;
+    // The windows are shorter than asked when the whole calibration stream is.
+    let window_len = windows.first().map_or(seq_len, Vec::len);
     eval_ids.truncate(opts.max_eval_tokens);
 
     let perplexity_before = if opts.evaluate {
@@ -237,7 +254,7 @@ pub fn quantize_dir(opts: &QuantizeDirOptions) -> Result<QuantizeReport> {
     extra.insert("method".into(), opts.method.name().into());
     extra.insert("calibration".into(), calibration.clone().into());
     extra.insert("samples".into(), windows.len().into());
-    extra.insert("seq_len".into(), seq_len.into());
+    extra.insert("seq_len".into(), window_len.into());
     let meta = QuantizeMeta {
         sym: opts.spec.sym,
         desc_act: opts.act_order,
@@ -292,7 +309,7 @@ pub fn quantize_dir(opts: &QuantizeDirOptions) -> Result<QuantizeReport> {
         format: format.quant_method(),
         calibration,
         samples: windows.len(),
-        seq_len,
+        seq_len: window_len,
         source_bytes: weights_bytes(dir.root()),
         quantized_bytes: saved.weights_bytes,
         quantized_weights,
