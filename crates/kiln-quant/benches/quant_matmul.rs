@@ -1,6 +1,6 @@
 //! Quantized versus f32 matrix products at 1, 8, 64 and 512 activation rows.
 //!
-//! `cargo bench -p kiln-model --bench quant_matmul` times `y = x · Wᵀ` for one 2048 × 2048
+//! `cargo bench -p kiln-quant --bench quant_matmul` times `y = x · Wᵀ` for one 2048 × 2048
 //! weight (a mid-size model's projection), f32 against kiln's packed 4-bit (group 128) and 8-bit
 //! (group 128) kernels and candle's GGML Q4_0 / Q8_0 `QMatMul` (the peer). The f32 weight is
 //! stored transposed, as `kiln serve` stores it, so the GEMM does not re-pack it each call.
@@ -13,43 +13,17 @@ use candle_core::{Device, Module, Tensor};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use kiln_model::Linear;
 use kiln_model::quant::{PackedWeight, QuantizedMatrix};
+use kiln_quant::{QuantSpec, rtn_quantize};
 
 const DIM: usize = 2048;
 
-/// A round-to-nearest quantization of `w` (`[DIM, DIM]`), asymmetric per group.
 fn rtn(w: &[f32], bits: u8, group: usize) -> QuantizedMatrix {
-    let maxq = f32::from(((1u16 << bits) - 1) as u8);
-    let g_n = DIM / group;
-    let (mut q, mut scales, mut zeros) = (
-        vec![0u8; DIM * DIM],
-        vec![0f32; DIM * g_n],
-        vec![0u8; DIM * g_n],
-    );
-    for o in 0..DIM {
-        for g in 0..g_n {
-            let xs = &w[o * DIM + g * group..o * DIM + (g + 1) * group];
-            let (lo, hi) = xs
-                .iter()
-                .fold((0f32, 0f32), |(a, b), &x| (a.min(x), b.max(x)));
-            let s = ((hi - lo) / maxq).max(1e-8);
-            let z = (-lo / s).round().clamp(0.0, maxq);
-            scales[o * g_n + g] = s;
-            zeros[o * g_n + g] = z as u8;
-            for (i, &x) in xs.iter().enumerate() {
-                q[o * DIM + g * group + i] = ((x / s).round() + z).clamp(0.0, maxq) as u8;
-            }
-        }
-    }
-    QuantizedMatrix {
+    let spec = QuantSpec {
         bits,
-        group_size: group,
-        out_features: DIM,
-        in_features: DIM,
-        q,
-        scales,
-        zeros,
-        g_idx: None,
-    }
+        group_size: Some(group),
+        sym: false,
+    };
+    rtn_quantize(w, DIM, DIM, &spec)
 }
 
 fn bench(c: &mut Criterion) {
@@ -71,10 +45,10 @@ fn bench(c: &mut Criterion) {
 
     let mut group = c.benchmark_group("quant_matmul_2048");
     group
-        .sample_size(10)
+        .sample_size(20)
         .warm_up_time(Duration::from_millis(300))
-        .measurement_time(Duration::from_secs(2));
-    for rows in [1usize, 8, 64, 512] {
+        .measurement_time(Duration::from_secs(3));
+    for rows in [1usize, 8, 16, 32, 64, 512] {
         let x = Tensor::randn(0f32, 1.0, (rows, DIM), &dev).unwrap();
         group.throughput(Throughput::Elements(rows as u64));
         group.bench_with_input(BenchmarkId::new("f32", rows), &x, |b, x| {
