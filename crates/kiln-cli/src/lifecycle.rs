@@ -978,7 +978,7 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
         }
         let _ = writeln!(
             md,
-            "\nServed: `{}` (lowest 4-bit perplexity) at {:.0} output tokens/s at concurrency 1, \
+            "\nServed: `{}` (the 4-bit variant whose perplexity moved least) at {:.0} output tokens/s at concurrency 1, \
              against {:.0} for the f32 model. Asked \"{}\", it replied \"{}\".\n",
             q.chosen,
             q.chosen_tokens_per_s,

@@ -27,7 +27,7 @@ pub const GROUP_SIZE: usize = 32;
 #[derive(Debug, Serialize)]
 pub struct QuantizeStageReport {
     pub variants: Vec<QuantizeReport>,
-    /// The 4-bit variant served (lowest perplexity).
+    /// The 4-bit variant served (the one whose perplexity moved least).
     pub chosen: String,
     /// `kiln bench serve` output tokens/s at concurrency 1: full precision, then the chosen one.
     pub f32_tokens_per_s: f64,
