@@ -8,7 +8,9 @@
 //! `reward` (a reward model on the preference pairs, with held-out preference accuracy), `dpo`
 //! (LoRA DPO from the SFT model, with held-out `rewards/accuracies` and a win rate over the SFT
 //! model judged by the world's rules), `ppo` (LoRA PPO from the SFT model against the rule
-//! reward, with the mean reward before and after), `serve` (the SFT model with the DPO and PPO
+//! reward, with the mean reward before and after), `quantize` (the SFT model with the DPO adapter
+//! merged, quantized with RTN, GPTQ and AWQ at 8 and 4 bits, perplexity before and after, the
+//! 4-bit variant closest to f32 served, GGUF exports), `serve` (the SFT model with the DPO and PPO
 //! adapters behind `kiln serve`'s HTTP API: streaming chat requests and `kiln bench serve`) and
 //! `gateway` (`kiln gateway` in front of that server: a keyed request, refused ones, a cache hit
 //! and a rate-limited burst). Later stages add themselves to [`run`].

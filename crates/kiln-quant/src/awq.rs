@@ -125,29 +125,31 @@ pub fn awq_block(
 ) -> Result<(Vec<(&'static str, QuantizedMatrix)>, AwqBlockReport)> {
     // Mean |x| per channel at each set's input, and the full-precision block output.
     let stats: std::cell::RefCell<Vec<(String, Tensor, usize)>> = Default::default();
-    let observe = |name: &str, x: &Tensor| {
-        if !SETS.iter().any(|s| s.input_of == name) {
-            return;
-        }
-        let sum = x
-            .to_dtype(DType::F32)
-            .and_then(|x| x.abs())
-            .and_then(|x| x.sum(0));
-        if let Ok(sum) = sum {
-            let rows = x.dim(0).unwrap_or(0);
-            let mut stats = stats.borrow_mut();
-            match stats.iter_mut().find(|(n, _, _)| n == name) {
-                Some((_, acc, count)) => {
-                    if let Ok(v) = acc.add(&sum) {
-                        *acc = v;
-                        *count += rows;
-                    }
-                }
-                None => stats.push((name.to_string(), sum, rows)),
+    let failure = std::cell::RefCell::new(None);
+    let accumulate = |name: &str, x: &Tensor| -> Result<()> {
+        let sum = x.to_dtype(DType::F32)?.abs()?.sum(0)?;
+        let rows = x.dim(0)?;
+        let mut stats = stats.borrow_mut();
+        match stats.iter_mut().find(|(n, _, _)| n == name) {
+            Some((_, acc, count)) => {
+                *acc = acc.add(&sum)?;
+                *count += rows;
             }
+            None => stats.push((name.to_string(), sum, rows)),
+        }
+        Ok(())
+    };
+    let observe = |name: &str, x: &Tensor| {
+        if SETS.iter().any(|s| s.input_of == name)
+            && let Err(e) = accumulate(name, x)
+        {
+            failure.borrow_mut().get_or_insert(e);
         }
     };
     let reference = block_outputs(model, layer, xs, seq, Some(&observe))?;
+    if let Some(e) = failure.into_inner() {
+        return Err(e);
+    }
     let stats = stats.into_inner();
 
     let mut report = AwqBlockReport {

@@ -328,11 +328,7 @@ impl PackedWeight {
             _ => self.gemv::<8>(x, &mut yt),
         }
         let mut y = vec![0f32; rows * n];
-        for (o, col) in yt.chunks(rows).enumerate() {
-            for (r, &v) in col.iter().enumerate() {
-                y[r * n + o] = v;
-            }
-        }
+        scatter_transposed(&yt, rows, n, 0, &mut y);
         Ok(y)
     }
 
@@ -403,11 +399,11 @@ impl PackedWeight {
     /// output columns, to bound the scratch.
     fn tiled_gemm(&self, x: &[f32], rows: usize) -> Result<Vec<f32>> {
         let (k, n) = (self.in_features, self.out_features);
-        let mut y = vec![0f32; rows * n];
         let tile_cols = (MAX_SCRATCH / k).clamp(TILE_ROWS, n.max(TILE_ROWS));
         if rows <= NARROW_GEMM_ROWS {
             return self.narrow_gemm(x, rows, tile_cols);
         }
+        let mut y = vec![0f32; rows * n];
         // Each thread decodes a band of inputs (whole groups) for every output, sixteen outputs
         // at a time, and writes its own rows of the scratch.
         let gs = self.group_size;
@@ -470,15 +466,20 @@ impl PackedWeight {
                 let w = MatRef::new(&scratch, 0, t, k, k)?;
                 let xt = MatRef::new(x, 0, rows, k, k)?.t();
                 matmul_threaded(&mut dst, w, xt, 1.0, false)?;
-                for (o, col) in yt.chunks(rows).enumerate() {
-                    for (r, &v) in col.iter().enumerate() {
-                        y[r * n + first + o] = v;
-                    }
-                }
+                scatter_transposed(&yt, rows, n, first, &mut y);
             }
             Ok(())
         })?;
         Ok(y)
+    }
+}
+
+/// Writes `yt` (`[outputs, rows]`) into columns `first..` of `y` (`[rows, n]`).
+fn scatter_transposed(yt: &[f32], rows: usize, n: usize, first: usize, y: &mut [f32]) {
+    for (o, col) in yt.chunks(rows).enumerate() {
+        for (r, &v) in col.iter().enumerate() {
+            y[r * n + first + o] = v;
+        }
     }
 }
 
