@@ -1,7 +1,6 @@
 //! `kiln`: one binary for a language model's whole life: loading and scoring Hugging Face
-//! checkpoints, pre-training, fine-tuning, alignment, quantization and GGUF export, serving, the gateway in
-//! front of it, and
-//! the `lifecycle` command that runs them all end to end.
+//! checkpoints, pre-training, fine-tuning, alignment, quantization and GGUF export, serving, the
+//! gateway in front of it, and the `lifecycle` command that runs them all end to end.
 
 mod bench;
 mod data;
