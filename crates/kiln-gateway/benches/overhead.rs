@@ -10,6 +10,10 @@
 //! gateway's own time per request as its `kiln_gateway_overhead_seconds` histogram records it
 //! (mean), beside the client-side difference of the medians.
 //!
+//! `KILN_BENCH_GUARDRAILS=1` turns the guardrails on as well: a system prompt with a canary,
+//! PII redaction in and out, the injection heuristics, the system-prompt leak check (no
+//! classifier), so the difference of the two runs is what they cost a request.
+//!
 //! `KILN_BENCH_PEER=URL` also loads another proxy already running in front of the stub (for
 //! LiteLLM: point its `api_base` at the port printed as `stub:`; `KILN_BENCH_STUB_PORT` fixes it;
 //! `KILN_BENCH_PEER_KEY` is the bearer token sent to it).
@@ -149,6 +153,16 @@ fn metric_sum(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
+const GUARDRAILS: &str = "guardrails:
+  system_prompt: You are a helpful assistant for a geography quiz. Answer briefly.
+  input:
+    pii: {action: redact}
+    injection: {action: block}
+  output:
+    pii: {action: redact}
+    system_prompt_leak: {action: block}
+";
+
 fn main() {
     let port = std::env::var("KILN_BENCH_STUB_PORT")
         .ok()
@@ -156,6 +170,7 @@ fn main() {
         .unwrap_or(0);
     let stub = start_stub(port);
     let dir = tempfile::tempdir().unwrap();
+    let guardrails = std::env::var("KILN_BENCH_GUARDRAILS").is_ok_and(|v| v == "1");
     let yaml = format!(
         "listen: 127.0.0.1:0\n\
          upstreams:\n  - name: stub\n    url: http://{stub}/v1\n    models: [\"*\"]\n\
@@ -163,8 +178,9 @@ fn main() {
          limits:\n  backend: memory\n\
          cache:\n  backend: memory\n  ttl_s: 60\n  max_entries: 100000\n\
          pricing:\n  stub:\n    input_per_million: 0.5\n    output_per_million: 1.5\n\
-         store:\n  url: sqlite://{}\n",
-        dir.path().join("gateway.db").display()
+         store:\n  url: sqlite://{}\n{}",
+        dir.path().join("gateway.db").display(),
+        if guardrails { GUARDRAILS } else { "" }
     );
     let config = GatewayConfig::parse(&yaml, std::path::Path::new("bench.yaml")).unwrap();
     let gateway = GatewayHandle::start(config).unwrap();
@@ -172,7 +188,12 @@ fn main() {
     let stub_url = format!("http://{stub}");
     let peer = std::env::var("KILN_BENCH_PEER").ok();
     println!(
-        "setup: stub: {stub}; gateway {gw_url} with API-key auth, memory rate limits, memory cache (every request a miss, then stored), sqlite store; {} CPU threads shared by client, gateway and stub",
+        "setup: stub: {stub}; gateway {gw_url} with API-key auth, memory rate limits, memory cache (every request a miss, then stored), sqlite store{}; {} CPU threads shared by client, gateway and stub",
+        if guardrails {
+            ", guardrails (PII in and out, injection heuristics, leak check)"
+        } else {
+            ""
+        },
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     // Warm both paths (connections, caches, the store).

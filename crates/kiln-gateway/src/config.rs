@@ -54,6 +54,9 @@ pub struct GatewayConfig {
     pub store: StoreConfig,
     #[serde(default)]
     pub validation: ValidationConfig,
+    /// Prompt-injection defence, PII redaction and output checks ([`kiln_guard::policy`]).
+    #[serde(default)]
+    pub guardrails: kiln_guard::policy::GuardrailsConfig,
 }
 
 fn default_listen() -> String {
@@ -260,12 +263,18 @@ pub struct StoreConfig {
     /// `sqlite://PATH` or `postgres://…`.
     #[serde(default = "default_store")]
     pub url: String,
+    /// Keep each request's prompt and reply (after the PII scrubber) for audits and the next
+    /// round's training data. Off by default: then no prompt or reply text is stored or logged
+    /// anywhere.
+    #[serde(default)]
+    pub capture_content: bool,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: default_store(),
+            capture_content: false,
         }
     }
 }

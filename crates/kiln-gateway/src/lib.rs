@@ -1,12 +1,14 @@
 //! kiln's API gateway: it fronts any OpenAI-compatible upstream (`kiln serve`, vLLM, TGI, a
 //! hosted API) with authentication (API keys, OAuth 2.0 JWTs), rate limits shared across replicas
-//! through Redis, input validation, a response cache, and cost metering.
+//! through Redis, input validation, guardrails ([`kiln_guard`]: prompt-injection defence, PII redaction, output
+//! checks), a response cache, and cost metering.
 
 pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod cost;
 pub mod error;
+pub mod guard;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;

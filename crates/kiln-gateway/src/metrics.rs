@@ -39,6 +39,7 @@ pub struct GatewayMetrics {
     cache: IntCounterVec,
     rate_limited: IntCounterVec,
     upstream_errors: IntCounterVec,
+    guardrails: IntCounterVec,
     models: LabelCap,
     tenants: LabelCap,
 }
@@ -113,6 +114,11 @@ impl GatewayMetrics {
                 "Failed upstream attempts by upstream and kind (connect, timeout, status…).",
                 &["upstream", "kind"]
             )),
+            guardrails: register!(counter(
+                "kiln_gateway_guardrail_verdicts_total",
+                "Guardrail detections by tenant, detector (input.pii, output.system_prompt_leak…) and action (block, redact, flag).",
+                &["tenant", "detector", "action"]
+            )),
             registry,
             models: LabelCap::default(),
             tenants: LabelCap::default(),
@@ -183,6 +189,13 @@ impl GatewayMetrics {
     pub fn rate_limited(&self, tenant: &str, which: &str) {
         self.rate_limited
             .with_label_values(&[self.tenants.get(tenant), which])
+            .inc();
+    }
+
+    /// A guardrail detection: `detector` fired and `action` was taken.
+    pub fn guardrail(&self, tenant: &str, detector: &str, action: &str) {
+        self.guardrails
+            .with_label_values(&[self.tenants.get(tenant), detector, action])
             .inc();
     }
 

@@ -4,8 +4,11 @@
 //! ([`crate::validate`]) → the model check (403 `model_not_allowed` for the caller, 404
 //! `model_not_found` when no upstream serves it) → the tenant's budget ([`crate::store`], 429
 //! `budget_exceeded`) → rate limits ([`crate::limits`], counting the prompt's tokens) → the
-//! response cache ([`crate::cache`]) → an upstream ([`crate::proxy`]). Streams are passed through
-//! chunk by chunk as they arrive; a tap beside the stream reads the SSE events to learn the usage
+//! guardrails' input checks ([`crate::guard`], 400 `guardrail_violation`; they may rewrite the
+//! body) → the response cache ([`crate::cache`]) → an upstream ([`crate::proxy`]) → the
+//! guardrails' output checks, on whole replies and, event by event, on streams. Streams are
+//! passed through chunk by chunk as they arrive (re-emitted by [`crate::guard::SseRewriter`]
+//! when output checks are configured); a tap beside the stream reads the SSE events to learn the usage
 //! (or count the content chunks) and, for a cacheable request, to assemble the reply for the
 //! cache. The accounting — completion tokens for the TPM limit, cost, budget, metrics and the
 //! request record — runs when the reply is done, a stream's when its last byte went out (or the
@@ -47,11 +50,15 @@ use crate::cache::{CachedResponse, ResponseCache, as_sse_events, assemble_stream
 use crate::config::GatewayConfig;
 use crate::cost::request_cost;
 use crate::error::ApiError;
+use crate::guard::{
+    Scrubber, SseRewriter, check_input, prompt_text, reply_text, violation_error, violation_events,
+};
 use crate::limits::{Admission, LimitKey, Limited, RateLimiter};
 use crate::metrics::GatewayMetrics;
 use crate::proxy::{Upstreams, spawn_health_checker};
-use crate::store::{Budgets, RequestRecord, Store};
+use crate::store::{Budgets, ContentRecord, RequestRecord, Store};
 use crate::validate::{Endpoint, ValidRequest, Validator, too_large};
+use kiln_guard::policy::{Guardrails, RequestGuard, Violation};
 
 /// The response header saying whether the cache answered: `hit`, `miss`, or `bypass`
 /// (`Cache-Control: no-store`); absent for a request that cannot be cached.
@@ -92,6 +99,9 @@ struct Inner {
     metrics: GatewayMetrics,
     upstreams: Arc<Upstreams>,
     validator: Validator,
+    guardrails: Arc<Guardrails>,
+    /// Scrubs content before it is kept; `None` unless `store.capture_content`.
+    scrubber: Option<Scrubber>,
     requests: AtomicU64,
 }
 
@@ -119,6 +129,10 @@ impl GatewayState {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    pub fn guardrails(&self) -> &Arc<Guardrails> {
+        &self.inner.guardrails
     }
 
     /// `name (url), …` of the upstreams.
@@ -150,6 +164,12 @@ pub async fn build_with(
     let store = Store::connect(&config.store.url).await?;
     let budgets = Budgets::new(&config.budgets, store.clone());
     let validator = Validator::new(&config.validation)?;
+    let guardrails = Arc::new(Guardrails::new(&config.guardrails)?);
+    let scrubber = if config.store.capture_content {
+        Some(Scrubber::new(&config.guardrails)?)
+    } else {
+        None
+    };
     let upstreams = Arc::new(Upstreams::new(&config.upstreams)?);
     spawn_health_checker(&upstreams, options.health_interval);
     let state = GatewayState {
@@ -163,6 +183,8 @@ pub async fn build_with(
             metrics: GatewayMetrics::new(),
             upstreams,
             validator,
+            guardrails,
+            scrubber,
             requests: AtomicU64::new(0),
         }),
     };
@@ -257,6 +279,10 @@ struct RequestContext {
     model: String,
     stream: bool,
     prompt_tokens: u64,
+    /// The request's guardrails: the output checks and the verdicts for the record.
+    guard: Option<RequestGuard>,
+    /// The prompt as kept (scrubbed), when content is captured.
+    captured_prompt: Option<String>,
 }
 
 /// How a reply ended, for [`RequestContext::account`].
@@ -270,6 +296,8 @@ struct Outcome {
     upstream_time: Option<Duration>,
     /// Time spent in the gateway itself.
     overhead: Duration,
+    /// The reply's text as the client got it, when content is captured.
+    completion: Option<String>,
 }
 
 impl RequestContext {
@@ -309,12 +337,40 @@ impl RequestContext {
         if let (Some(upstream), Some(t)) = (&outcome.upstream, outcome.upstream_time) {
             inner.metrics.observe_upstream(upstream, t.as_secs_f64());
         }
+        let guard = self.guard.as_ref().and_then(RequestGuard::summary);
+        if let Some(g) = &self.guard {
+            for v in g.verdicts() {
+                inner
+                    .metrics
+                    .guardrail(tenant, v.detector, v.action.as_str());
+            }
+        }
+        if let Some(summary) = &guard {
+            // Kinds, rules and scores only: never the text.
+            eprintln!(
+                "kiln gateway: request {} (tenant `{tenant}`): guardrails {summary}",
+                self.request_id
+            );
+        }
+        let at = {
+            let now = SystemTime::now();
+            now.checked_sub(self.started.elapsed()).unwrap_or(now)
+        };
+        let content = match (&inner.scrubber, self.captured_prompt) {
+            (Some(scrubber), Some(prompt)) => Some(ContentRecord {
+                request_id: self.request_id.clone(),
+                at,
+                tenant: tenant.clone(),
+                model: self.model.clone(),
+                no_train: self.principal.no_train,
+                prompt,
+                completion: outcome.completion.as_deref().map(|c| scrubber.scrub(c)),
+            }),
+            _ => None,
+        };
         let record = RequestRecord {
             request_id: self.request_id,
-            at: {
-                let now = SystemTime::now();
-                now.checked_sub(self.started.elapsed()).unwrap_or(now)
-            },
+            at,
             tenant: tenant.clone(),
             key_id: self.principal.key_id.clone(),
             model: self.model,
@@ -332,6 +388,7 @@ impl RequestContext {
             gateway_ms: outcome.overhead.as_secs_f64() * 1e3,
             upstream_ms: outcome.upstream_time.map(|t| t.as_secs_f64() * 1e3),
             no_train: self.principal.no_train,
+            guard,
         };
         let store = inner.store.clone();
         tokio::spawn(async move {
@@ -340,6 +397,11 @@ impl RequestContext {
                     "kiln gateway: recording request {}: {e:#}",
                     record.request_id
                 );
+            }
+            if let Some(content) = content
+                && let Err(e) = store.record_content(&content).await
+            {
+                eprintln!("kiln gateway: {e:#}");
             }
         });
     }
@@ -437,6 +499,35 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
         }
     };
 
+    let mut valid = valid;
+    let mut bytes = bytes;
+    let mut guard = None;
+    let mut refusal = None;
+    if inner.guardrails.is_enabled() {
+        let body = std::mem::take(&mut valid.body);
+        let (checked, body, result) =
+            check_input(inner.guardrails.request(&tenant), valid.endpoint, body).await;
+        valid.body = body;
+        guard = checked;
+        match result {
+            // The body is forwarded as rewritten (system prompt, redactions); a JSON value
+            // always serializes.
+            Ok(true) => bytes = Bytes::from(serde_json::to_vec(&valid.body).unwrap_or_default()),
+            Ok(false) => {}
+            Err(v) => refusal = Some(v),
+        }
+    }
+    // Content is kept for answered requests only: a refused one's text is what the gateway
+    // declined to pass on.
+    let captured_prompt = inner
+        .scrubber
+        .as_ref()
+        .filter(|_| refusal.is_none())
+        .map(|s| {
+            let skip_system =
+                valid.endpoint == Endpoint::Chat && inner.guardrails.system_prompt().is_some();
+            s.scrub(&prompt_text(valid.endpoint, &valid.body, skip_system))
+        });
     let ctx = RequestContext {
         state: state.clone(),
         request_id,
@@ -446,13 +537,46 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
         model,
         stream: valid.stream,
         prompt_tokens: valid.prompt_tokens,
+        guard,
+        captured_prompt,
     };
+    if let Some(v) = refusal {
+        return refuse_violation(ctx, &v, false, admission);
+    }
     forward(ctx, valid, bytes, &headers, admission).await
+}
+
+/// Answers a guardrail violation (400 `guardrail_violation`) and accounts the request.
+fn refuse_violation(
+    ctx: RequestContext,
+    violation: &Violation,
+    cache_hit: bool,
+    admission: Admission,
+) -> Response {
+    let mut response = violation_error(violation).into_response();
+    if let Ok(v) = HeaderValue::from_str(&ctx.request_id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), v);
+    }
+    let overhead = ctx.started.elapsed();
+    tokio::spawn(ctx.account(Outcome {
+        status: 400,
+        upstream: None,
+        cache_hit,
+        usage: None,
+        completion_estimate: 0,
+        upstream_time: None,
+        overhead,
+        completion: None,
+    }));
+    drop(admission);
+    response
 }
 
 /// The cache, then the upstream.
 async fn forward(
-    ctx: RequestContext,
+    mut ctx: RequestContext,
     valid: ValidRequest,
     bytes: Bytes,
     headers: &HeaderMap,
@@ -496,11 +620,19 @@ async fn forward(
                 HeaderValue::from_static("hit"),
             );
             let usage = usage_of(&hit.body);
+            let mut body = hit.body;
+            // The cache holds the upstream's reply: the output checks run on every answer.
+            if let Some(guard) = ctx.guard.as_mut()
+                && let Err(v) = guard.check_reply(&mut body)
+            {
+                return refuse_violation(ctx, &v, true, admission);
+            }
+            let completion = ctx.captured_prompt.as_ref().and_then(|_| reply_text(&body));
             let mut response = if valid.stream {
-                let events = as_sse_events(&hit.body, valid.include_usage).concat();
+                let events = as_sse_events(&body, valid.include_usage).concat();
                 sse_response(StatusCode::OK, Body::from(events))
             } else {
-                (StatusCode::OK, axum::Json(hit.body)).into_response()
+                (StatusCode::OK, axum::Json(body)).into_response()
             };
             response.headers_mut().extend(extra);
             let overhead = ctx.started.elapsed();
@@ -512,6 +644,7 @@ async fn forward(
                 completion_estimate: 0,
                 upstream_time: None,
                 overhead,
+                completion,
             }));
             drop(admission);
             return response;
@@ -549,6 +682,7 @@ async fn forward(
                 completion_estimate: 0,
                 upstream_time: None,
                 overhead,
+                completion: None,
             }));
             return response;
         }
@@ -561,6 +695,12 @@ async fn forward(
         .is_some_and(|v| v.starts_with("text/event-stream"));
 
     if valid.stream && status.is_success() && is_sse {
+        let rewriter = ctx
+            .guard
+            .as_ref()
+            .filter(|g| g.policy().checks_output())
+            .map(|_| SseRewriter::default());
+        let capture = ctx.captured_prompt.as_ref().map(|_| String::new());
         let tap = Tap {
             ctx: Some(ctx),
             admission: Some(admission),
@@ -574,10 +714,13 @@ async fn forward(
             cache_key: key,
             usage: None,
             content_chunks: 0,
+            rewriter,
+            capture,
         };
         let stream = TappedStream {
             inner: Box::pin(reply.response.bytes_stream()),
             tap,
+            done: false,
         };
         let mut response = sse_response(status, Body::from_stream(stream));
         copy_headers(&upstream_headers, response.headers_mut());
@@ -621,6 +764,7 @@ async fn forward(
                 completion_estimate: 0,
                 upstream_time: Some(upstream_time),
                 overhead,
+                completion: None,
             }));
             return response;
         }
@@ -639,6 +783,46 @@ async fn forward(
         let entry = CachedResponse { body: v.clone() };
         tokio::spawn(async move { cache.put(&k, &entry).await });
     }
+    let mut body = body;
+    let mut checked = json;
+    if status.is_success()
+        && let Some(guard) = ctx.guard.as_mut()
+        && guard.policy().checks_output()
+    {
+        let Some(reply) = checked.as_mut() else {
+            // A reply the output checks cannot read is not passed on unchecked.
+            let e = ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "api_error",
+                "upstream_invalid_reply",
+                format!(
+                    "upstream `{upstream_name}` sent a reply that is not JSON; the output checks cannot read it"
+                ),
+            );
+            let mut response = e.into_response();
+            response.headers_mut().extend(extra);
+            let overhead = ctx.started.elapsed().saturating_sub(upstream_time);
+            tokio::spawn(ctx.account(Outcome {
+                status: 502,
+                upstream: Some(upstream_name),
+                cache_hit: false,
+                usage,
+                completion_estimate: 0,
+                upstream_time: Some(upstream_time),
+                overhead,
+                completion: None,
+            }));
+            return response;
+        };
+        if let Err(v) = guard.check_reply(reply) {
+            return refuse_violation(ctx, &v, false, admission);
+        }
+        body = Bytes::from(serde_json::to_vec(reply).unwrap_or_default());
+    }
+    let completion = match (&ctx.captured_prompt, &checked) {
+        (Some(_), Some(reply)) => reply_text(reply),
+        _ => None,
+    };
     let mut response = Response::new(Body::from(body));
     *response.status_mut() = status;
     copy_headers(&upstream_headers, response.headers_mut());
@@ -652,6 +836,7 @@ async fn forward(
         completion_estimate: 0,
         upstream_time: Some(upstream_time),
         overhead,
+        completion,
     }));
     drop(admission);
     response
@@ -716,6 +901,10 @@ struct Tap {
     cache_key: Option<String>,
     usage: Option<(u64, u64)>,
     content_chunks: u64,
+    /// Rewrites the events through the output guardrails, when the policy checks replies.
+    rewriter: Option<SseRewriter>,
+    /// The first choice's text as sent to the client, when content is captured.
+    capture: Option<String>,
 }
 
 impl Tap {
@@ -760,6 +949,22 @@ impl Tap {
             if has_content {
                 self.content_chunks += 1;
             }
+            // Unrewritten streams are captured as they pass (the rewriter captures what it
+            // releases).
+            if self.rewriter.is_none()
+                && let Some(capture) = self.capture.as_mut()
+                && let Some(text) = chunk
+                    .get("choices")
+                    .and_then(|c| c.get(0))
+                    .and_then(|c| {
+                        c.get("delta")
+                            .and_then(|d| d.get("content"))
+                            .or_else(|| c.get("text"))
+                    })
+                    .and_then(Value::as_str)
+            {
+                capture.push_str(text);
+            }
             self.assembled_bytes += data.len();
             if self.assembled_bytes > MAX_ASSEMBLED_BYTES {
                 self.chunks = None;
@@ -786,6 +991,7 @@ impl Tap {
             completion_estimate: self.content_chunks,
             upstream_time: Some(upstream_time),
             overhead: self.overhead,
+            completion: self.capture.take(),
         };
         let cache = ctx.state.inner.cache.clone();
         let admission = self.admission.take();
@@ -815,6 +1021,8 @@ impl Drop for Tap {
 struct TappedStream {
     inner: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
     tap: Tap,
+    /// The stream ended (or was cut by a guardrail): nothing more goes out.
+    done: bool,
 }
 
 impl Stream for TappedStream {
@@ -822,31 +1030,75 @@ impl Stream for TappedStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
-        match this.inner.as_mut().poll_next(cx) {
-            Poll::Ready(Some(Ok(bytes))) => {
-                this.tap.observe(&bytes);
-                Poll::Ready(Some(Ok(bytes)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let kind = if e.is_timeout() { "timeout" } else { "body" };
-                if let Some(ctx) = &this.tap.ctx {
-                    ctx.state
-                        .inner
-                        .metrics
-                        .upstream_error(&this.tap.upstream, kind);
+        if this.done {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.inner.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(bytes))) => {
+                    this.tap.observe(&bytes);
+                    let tap = &mut this.tap;
+                    let (Some(rewriter), Some(guard)) = (
+                        tap.rewriter.as_mut(),
+                        tap.ctx.as_mut().and_then(|c| c.guard.as_mut()),
+                    ) else {
+                        return Poll::Ready(Some(Ok(bytes)));
+                    };
+                    match rewriter.feed(&bytes, guard, &mut tap.capture) {
+                        // Held back until the checks have seen more: read on.
+                        Ok(out) if out.is_empty() => continue,
+                        Ok(out) => return Poll::Ready(Some(Ok(Bytes::from(out)))),
+                        Err(v) => {
+                            this.done = true;
+                            this.tap.status = 400;
+                            this.tap.finish(false);
+                            return Poll::Ready(Some(Ok(Bytes::from(violation_events(&v)))));
+                        }
+                    }
                 }
-                this.tap.status = if e.is_timeout() { 504 } else { 502 };
-                this.tap.finish(false);
-                Poll::Ready(Some(Err(std::io::Error::other(format!(
-                    "upstream `{}`: {e}",
-                    this.tap.upstream
-                )))))
+                Poll::Ready(Some(Err(e))) => {
+                    let kind = if e.is_timeout() { "timeout" } else { "body" };
+                    if let Some(ctx) = &this.tap.ctx {
+                        ctx.state
+                            .inner
+                            .metrics
+                            .upstream_error(&this.tap.upstream, kind);
+                    }
+                    this.tap.status = if e.is_timeout() { 504 } else { 502 };
+                    this.tap.finish(false);
+                    this.done = true;
+                    return Poll::Ready(Some(Err(std::io::Error::other(format!(
+                        "upstream `{}`: {e}",
+                        this.tap.upstream
+                    )))));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    let tap = &mut this.tap;
+                    let mut rest = Vec::new();
+                    let mut complete = true;
+                    if let (Some(rewriter), Some(guard)) = (
+                        tap.rewriter.as_mut(),
+                        tap.ctx.as_mut().and_then(|c| c.guard.as_mut()),
+                    ) {
+                        match rewriter.finish(guard, &mut tap.capture) {
+                            Ok(out) => rest = out,
+                            Err(v) => {
+                                rest = violation_events(&v);
+                                tap.status = 400;
+                                complete = false;
+                            }
+                        }
+                    }
+                    tap.finish(complete);
+                    return if rest.is_empty() {
+                        Poll::Ready(None)
+                    } else {
+                        Poll::Ready(Some(Ok(Bytes::from(rest))))
+                    };
+                }
+                Poll::Pending => return Poll::Pending,
             }
-            Poll::Ready(None) => {
-                this.tap.finish(true);
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
         }
     }
 }

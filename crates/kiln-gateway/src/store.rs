@@ -64,6 +64,25 @@ pub struct RequestRecord {
     pub upstream_ms: Option<f64>,
     /// The tenant's traffic must never become training data.
     pub no_train: bool,
+    /// The guardrails' verdicts (`input.pii:redact(EMAIL×2); …`): detectors, actions, kinds
+    /// and scores, never the text.
+    pub guard: Option<String>,
+}
+
+/// A request's content, kept only when `store.capture_content` is on and only after the PII
+/// scrubber ran over it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContentRecord {
+    pub request_id: String,
+    pub at: SystemTime,
+    pub tenant: String,
+    pub model: String,
+    /// Requests of a `no_train` key: kept for audit, never exported.
+    pub no_train: bool,
+    /// The request's `messages` (as JSON) or `prompt`, as sent upstream, redacted.
+    pub prompt: String,
+    /// The reply's text as the client received it, redacted; `None` when there was none.
+    pub completion: Option<String>,
 }
 
 /// The request store: a SQLite file or a PostgreSQL database. Cheap to clone (a pool handle).
@@ -102,10 +121,12 @@ const SQLITE_SCHEMA: &[&str] = &[
         cost_usd REAL,
         gateway_ms REAL NOT NULL,
         upstream_ms REAL,
-        no_train BOOLEAN NOT NULL
+        no_train BOOLEAN NOT NULL,
+        guard TEXT
     )",
     "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_tenant_at
         ON kiln_gateway_requests (tenant, at_us)",
+    CONTENT_SCHEMA,
 ];
 
 const POSTGRES_SCHEMA: &[&str] = &[
@@ -125,26 +146,54 @@ const POSTGRES_SCHEMA: &[&str] = &[
         cost_usd DOUBLE PRECISION,
         gateway_ms DOUBLE PRECISION NOT NULL,
         upstream_ms DOUBLE PRECISION,
-        no_train BOOLEAN NOT NULL
+        no_train BOOLEAN NOT NULL,
+        guard TEXT
     )",
     "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_tenant_at
         ON kiln_gateway_requests (tenant, at_us)",
+    // Tables made before the guard verdicts were recorded.
+    "ALTER TABLE kiln_gateway_requests ADD COLUMN IF NOT EXISTS guard TEXT",
+    CONTENT_SCHEMA_PG,
 ];
+
+/// Captured content (`store.capture_content`), already redacted; one row per request.
+const CONTENT_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS kiln_gateway_content (
+        request_id TEXT PRIMARY KEY,
+        at_us INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        model TEXT NOT NULL,
+        no_train BOOLEAN NOT NULL,
+        prompt TEXT NOT NULL,
+        completion TEXT
+    )";
+
+const CONTENT_SCHEMA_PG: &str = "CREATE TABLE IF NOT EXISTS kiln_gateway_content (
+        request_id TEXT PRIMARY KEY,
+        at_us BIGINT NOT NULL,
+        tenant TEXT NOT NULL,
+        model TEXT NOT NULL,
+        no_train BOOLEAN NOT NULL,
+        prompt TEXT NOT NULL,
+        completion TEXT
+    )";
+
+/// The table of captured content.
+pub const CONTENT_TABLE: &str = "kiln_gateway_content";
 
 /// The head of a multi-row INSERT (the builder appends `VALUES (…), (…)`).
 const INSERT_INTO: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
-    cost_usd, gateway_ms, upstream_ms, no_train) ";
+    cost_usd, gateway_ms, upstream_ms, no_train, guard) ";
 
 const SQLITE_INSERT: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
-    cost_usd, gateway_ms, upstream_ms, no_train) \
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    cost_usd, gateway_ms, upstream_ms, no_train, guard) \
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
 const POSTGRES_INSERT: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
-    cost_usd, gateway_ms, upstream_ms, no_train) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+    cost_usd, gateway_ms, upstream_ms, no_train, guard) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
 
 const SQLITE_SPEND: &str =
     "SELECT TOTAL(cost_usd) FROM kiln_gateway_requests WHERE tenant = ? AND at_us >= ?";
@@ -174,6 +223,7 @@ macro_rules! record_values {
             .$bind(r.gateway_ms)
             .$bind(r.upstream_ms)
             .$bind(r.no_train)
+            .$bind(r.guard.as_deref())
     }};
 }
 
@@ -225,6 +275,18 @@ impl Store {
             Pool::Sqlite(pool) => {
                 for statement in SQLITE_SCHEMA {
                     sqlx::query(statement).execute(pool).await?;
+                }
+                // Tables made before the guard verdicts were recorded (SQLite has no
+                // `ADD COLUMN IF NOT EXISTS`).
+                let columns: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM pragma_table_info('kiln_gateway_requests')",
+                )
+                .fetch_all(pool)
+                .await?;
+                if !columns.iter().any(|c| c == "guard") {
+                    sqlx::query("ALTER TABLE kiln_gateway_requests ADD COLUMN guard TEXT")
+                        .execute(pool)
+                        .await?;
                 }
             }
             Pool::Postgres(pool) => {
@@ -287,6 +349,82 @@ impl Store {
             done.with_context(|| format!("recording {} requests in {TABLE}", chunk.len()))?;
         }
         Ok(())
+    }
+
+    /// Keeps a request's (redacted) content.
+    pub async fn record_content(&self, c: &ContentRecord) -> Result<(), anyhow::Error> {
+        const SQLITE: &str = "INSERT OR REPLACE INTO kiln_gateway_content \
+            (request_id, at_us, tenant, model, no_train, prompt, completion) \
+            VALUES (?, ?, ?, ?, ?, ?, ?)";
+        const POSTGRES: &str = "INSERT INTO kiln_gateway_content \
+            (request_id, at_us, tenant, model, no_train, prompt, completion) \
+            VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO UPDATE \
+            SET prompt = EXCLUDED.prompt, completion = EXCLUDED.completion";
+        macro_rules! bind_content {
+            ($q:expr) => {
+                $q.bind(c.request_id.as_str())
+                    .bind(unix_micros(c.at))
+                    .bind(c.tenant.as_str())
+                    .bind(c.model.as_str())
+                    .bind(c.no_train)
+                    .bind(c.prompt.as_str())
+                    .bind(c.completion.as_deref())
+            };
+        }
+        let done = match &self.pool {
+            Pool::Sqlite(pool) => bind_content!(sqlx::query(SQLITE))
+                .execute(pool)
+                .await
+                .map(drop),
+            Pool::Postgres(pool) => bind_content!(sqlx::query(POSTGRES))
+                .execute(pool)
+                .await
+                .map(drop),
+        };
+        done.with_context(|| {
+            format!(
+                "keeping the content of request {} in {CONTENT_TABLE}",
+                c.request_id
+            )
+        })
+    }
+
+    /// The captured content that may become training data: rows of `no_train` keys are left
+    /// out, here in the query, so no export can reach them. Oldest first, from `since`.
+    pub async fn exportable_content(
+        &self,
+        since: SystemTime,
+    ) -> Result<Vec<ContentRecord>, anyhow::Error> {
+        type Row = (String, i64, String, String, bool, String, Option<String>);
+        const SQLITE: &str = "SELECT request_id, at_us, tenant, model, no_train, prompt, completion \
+            FROM kiln_gateway_content WHERE no_train = 0 AND at_us >= ? ORDER BY at_us";
+        const POSTGRES: &str = "SELECT request_id, at_us, tenant, model, no_train, prompt, completion \
+            FROM kiln_gateway_content WHERE NOT no_train AND at_us >= $1 ORDER BY at_us";
+        let since_us = unix_micros(since);
+        let rows: Result<Vec<Row>, sqlx::Error> = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query_as(SQLITE).bind(since_us).fetch_all(pool).await,
+            Pool::Postgres(pool) => {
+                sqlx::query_as(POSTGRES)
+                    .bind(since_us)
+                    .fetch_all(pool)
+                    .await
+            }
+        };
+        let rows = rows.with_context(|| format!("reading {CONTENT_TABLE}"))?;
+        Ok(rows
+            .into_iter()
+            .map(
+                |(request_id, at_us, tenant, model, no_train, prompt, completion)| ContentRecord {
+                    request_id,
+                    at: UNIX_EPOCH + Duration::from_micros(u64::try_from(at_us).unwrap_or(0)),
+                    tenant,
+                    model,
+                    no_train,
+                    prompt,
+                    completion,
+                },
+            )
+            .collect())
     }
 
     /// Total cost in USD of `tenant`'s requests that arrived at or after `since` (requests

@@ -52,6 +52,7 @@ fn record(tenant: &str, at: SystemTime, cost: Option<f64>) -> RequestRecord {
         gateway_ms: 0.4,
         upstream_ms: Some(12.0),
         no_train: false,
+        guard: None,
     }
 }
 
