@@ -66,6 +66,7 @@ struct Report {
     quantize: Option<crate::lifecycle_quantize::QuantizeStageReport>,
     serve: Option<crate::lifecycle_serve::ServeReport>,
     gateway: Option<crate::lifecycle_gateway::GatewayReport>,
+    guard: Option<crate::lifecycle_guard::GuardStageReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -93,7 +94,7 @@ struct RewardReport {
 }
 
 /// The stages `kiln lifecycle` runs.
-const STAGES: usize = 10;
+const STAGES: usize = 11;
 
 #[derive(Debug, Serialize)]
 struct DpoReport {
@@ -484,7 +485,6 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     let gateway_report =
         crate::lifecycle_gateway::gateway_stage(&server.url(), "dpo", &out.join("gateway"))
             .context("stage gateway")?;
-    server.shutdown().context("stopping kiln serve")?;
     let g = &gateway_report;
     finish_stage(
         &mut stages,
@@ -507,6 +507,26 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         ),
     );
 
+    // 11. Guardrails: the guard classifier, and attacks and personal data replayed through a
+    // guarded gateway in front of the same server.
+    let t = Instant::now();
+    let guard_report = crate::lifecycle_guard::guard_stage(
+        &server.url(),
+        "dpo",
+        &world,
+        &out.join("guard"),
+        args.quick,
+        args.seed,
+    )
+    .context("stage guard")?;
+    server.shutdown().context("stopping kiln serve")?;
+    finish_stage(
+        &mut stages,
+        "guard",
+        t,
+        crate::lifecycle_guard::headline(&guard_report),
+    );
+
     let report = Report {
         quick: args.quick,
         seed: args.seed,
@@ -519,6 +539,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         quantize: Some(quantize_report),
         serve: Some(serve_report),
         gateway: Some(gateway_report),
+        guard: Some(guard_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -1068,6 +1089,9 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
             g.retry_after.as_deref().unwrap_or("-"),
             g.cost_usd
         );
+    }
+    if let Some(g) = &report.guard {
+        md.push_str(&crate::lifecycle_guard::markdown(g));
     }
     let md_path = out.join("report.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;

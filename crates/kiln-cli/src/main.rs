@@ -11,9 +11,11 @@ mod eval_reward;
 mod export;
 mod gateway;
 mod generate;
+mod guard;
 mod info;
 mod lifecycle;
 mod lifecycle_gateway;
+mod lifecycle_guard;
 mod lifecycle_quantize;
 mod lifecycle_serve;
 mod merge;
@@ -92,6 +94,9 @@ enum Command {
     /// An API gateway in front of OpenAI-compatible upstreams: auth, rate limits, validation,
     /// a response cache and cost metering.
     Gateway(gateway::GatewayArgs),
+    /// Guardrails: train and evaluate the guard classifier (benign, injection, toxic, pii_request).
+    #[command(subcommand)]
+    Guard(guard::GuardCommand),
 }
 
 fn main() -> ExitCode {
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
         Command::Ppo(args) => ppo::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Gateway(args) => gateway::run(args),
+        Command::Guard(cmd) => guard::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
