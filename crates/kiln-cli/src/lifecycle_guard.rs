@@ -24,10 +24,12 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 const KEY: &str = "lifecycle-guard-key";
-/// The classifier's probability from which the gateway blocks. High, because the classifier is
-/// the second layer: the heuristics stop the phrasing they know at no false-positive cost, and
-/// at 0.5 the small default classifier refuses one benign prompt in three (docs/guardrails.md).
+/// The classifier's probability from which the gateway blocks `toxic` and `pii_request`. High,
+/// because a refused benign prompt is a failure too (docs/guardrails.md has the curve).
 const CLASSIFIER_THRESHOLD: f32 = 0.95;
+/// The same for `injection`, higher still: the heuristics are the first layer there, and the
+/// classifier only has to add what they miss without refusing benign prompts.
+const INJECTION_THRESHOLD: f32 = 0.99;
 
 #[derive(Debug, Serialize)]
 pub struct GuardStageReport {
@@ -99,7 +101,7 @@ pub fn guard_stage(
         &InjectionScanner::new(),
         Some(&classifier),
         DEFAULT_THRESHOLD,
-        CLASSIFIER_THRESHOLD,
+        INJECTION_THRESHOLD,
     )?;
     drop(classifier);
 
@@ -199,7 +201,7 @@ guardrails:
   input:
     pii: {{action: redact}}
     injection: {{action: block, threshold: {DEFAULT_THRESHOLD}}}
-    classifier: {{action: block, threshold: {CLASSIFIER_THRESHOLD}}}
+    classifier: {{action: block, threshold: {CLASSIFIER_THRESHOLD}, thresholds: {{injection: {INJECTION_THRESHOLD}}}}}
   output:
     pii:
       action: redact

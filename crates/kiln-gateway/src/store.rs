@@ -3,9 +3,11 @@
 //! One row per request in one table, [`TABLE`], in SQLite (a file next to the gateway, the
 //! default) or PostgreSQL (one database for every replica, so each replica's budgets start from
 //! the spend of all of them). A row holds ids, the tenant, the model and upstream, the status,
-//! token counts, cost and timings — never a prompt or a completion. `no_train` is kept on every
-//! row so that a data export can leave out the tenants whose traffic must never become training
-//! data.
+//! token counts, cost, timings and the guardrails' verdicts — never a prompt or a completion.
+//! `no_train` is kept on every row so that a data export can leave out the tenants whose traffic
+//! must never become training data. Content is kept only when `store.capture_content` is on, in
+//! a second table ([`CONTENT_TABLE`]), after the PII scrubber, and
+//! [`Store::exportable_content`] never returns the rows of `no_train` keys.
 //!
 //! Nothing here runs on the request path: [`Store::record`] is a single `INSERT` for the server
 //! to run from a spawned task, and [`Recorder`] goes further, queueing records without waiting

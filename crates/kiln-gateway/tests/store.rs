@@ -14,7 +14,9 @@ use kiln_gateway::cost::{period_start, request_cost};
 use kiln_gateway::metrics::GatewayMetrics;
 use sqlx::Row;
 
-use kiln_gateway::store::{Budgets, RECORD_BATCH, Recorder, RequestRecord, Store, TABLE};
+use kiln_gateway::store::{
+    Budgets, ContentRecord, RECORD_BATCH, Recorder, RequestRecord, Store, TABLE,
+};
 
 fn database_url() -> String {
     std::env::var("DATABASE_URL")
@@ -164,6 +166,7 @@ async fn postgres_rows_keep_every_field_and_no_text() {
     r.upstream_ms = None;
     r.status = 429;
     r.prompt_tokens = u64::MAX;
+    r.guard = Some("input.pii:redact(EMAIL×2)".into());
     store.record(&r).await.unwrap();
 
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
@@ -197,10 +200,93 @@ async fn postgres_rows_keep_every_field_and_no_text() {
     .fetch_all(&pool)
     .await
     .unwrap();
-    assert_eq!(columns.len(), 16, "{columns:?}");
+    assert_eq!(
+        row.get::<Option<String>, _>("guard").as_deref(),
+        Some("input.pii:redact(EMAIL×2)")
+    );
+    assert_eq!(columns.len(), 17, "{columns:?}");
     for forbidden in ["prompt", "completion", "messages", "body", "content"] {
         assert!(!columns.iter().any(|c| c == forbidden), "{columns:?}");
     }
+}
+
+/// Captured content round-trips, and the export query never returns a `no_train` row.
+async fn content_export_leaves_out_no_train(store: &Store) {
+    let tenant = unique_tenant("content");
+    let at = SystemTime::now();
+    for (i, no_train) in [false, true, false].into_iter().enumerate() {
+        store
+            .record_content(&ContentRecord {
+                request_id: format!("{tenant}-{i}"),
+                at: at + Duration::from_millis(i as u64),
+                tenant: tenant.clone(),
+                model: "m".into(),
+                no_train,
+                prompt: format!("[{{\"role\":\"user\",\"content\":\"question {i}\"}}]"),
+                completion: (i != 2).then(|| format!("answer {i}")),
+            })
+            .await
+            .unwrap();
+    }
+    let rows: Vec<ContentRecord> = store
+        .exportable_content(at - Duration::from_secs(1))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.tenant == tenant)
+        .collect();
+    let ids: Vec<&str> = rows.iter().map(|r| r.request_id.as_str()).collect();
+    assert_eq!(ids, [format!("{tenant}-0"), format!("{tenant}-2")]);
+    assert_eq!(rows[0].completion.as_deref(), Some("answer 0"));
+    assert_eq!(rows[1].completion, None);
+    assert!(rows.iter().all(|r| !r.no_train));
+}
+
+#[tokio::test]
+async fn sqlite_content_export_leaves_out_no_train() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::connect(&format!("sqlite://{}", dir.path().join("g.db").display()))
+        .await
+        .unwrap();
+    content_export_leaves_out_no_train(&store).await;
+}
+
+#[tokio::test]
+async fn postgres_content_export_leaves_out_no_train() {
+    let store = Store::connect(&database_url()).await.unwrap();
+    content_export_leaves_out_no_train(&store).await;
+}
+
+/// A table made before the `guard` column existed gains it on connect, rows kept.
+#[tokio::test]
+async fn an_old_sqlite_table_gains_the_guard_column() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    let url = format!("sqlite://{}", path.display());
+    {
+        let pool = sqlx::SqlitePool::connect(&format!("{url}?mode=rwc"))
+            .await
+            .unwrap();
+        sqlx::query(
+            "CREATE TABLE kiln_gateway_requests (id INTEGER PRIMARY KEY, request_id TEXT NOT NULL, \
+             at_us INTEGER NOT NULL, tenant TEXT NOT NULL, key_id TEXT NOT NULL, model TEXT NOT NULL, \
+             upstream TEXT, status INTEGER NOT NULL, stream BOOLEAN NOT NULL, cache_hit BOOLEAN NOT NULL, \
+             prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL, cost_usd REAL, \
+             gateway_ms REAL NOT NULL, upstream_ms REAL, no_train BOOLEAN NOT NULL)",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    }
+    let store = Store::connect(&url).await.unwrap();
+    let mut r = record("old", SystemTime::now(), Some(0.5));
+    r.guard = Some("input.injection:flag(score 0.60: x)".into());
+    store.record(&r).await.unwrap();
+    assert!(close(
+        store.spend_since("old", UNIX_EPOCH).await.unwrap(),
+        0.5
+    ));
 }
 
 #[tokio::test]

@@ -167,6 +167,9 @@ pub struct ClassifierConfig {
     /// Labels that fire; all but `benign` when absent.
     #[serde(default)]
     pub labels: Option<Vec<String>>,
+    /// Per-label thresholds overriding `threshold` (`{injection: 0.99, toxic: 0.9}`).
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, f32>,
 }
 
 /// The system-prompt leak check's policy.

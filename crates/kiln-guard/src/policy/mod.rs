@@ -150,8 +150,8 @@ struct InjectionRule {
 #[derive(Debug)]
 struct ClassifierRule {
     action: Action,
-    threshold: f32,
-    labels: Vec<String>,
+    /// Each label that fires, with its threshold.
+    labels: Vec<(String, f32)>,
 }
 
 impl ClassifierRule {
@@ -161,8 +161,9 @@ impl ClassifierRule {
         let fired: Vec<(&String, f32)> = self
             .labels
             .iter()
-            .map(|l| (l, scores.get(l)))
-            .filter(|(_, p)| *p >= self.threshold)
+            .map(|(l, threshold)| (l, scores.get(l), *threshold))
+            .filter(|(_, p, threshold)| p >= threshold)
+            .map(|(l, p, _)| (l, p))
             .collect();
         let (label, _) = fired.iter().max_by(|a, b| a.1.total_cmp(&b.1))?;
         let detail = fired
@@ -451,9 +452,27 @@ fn resolve(config: &TenantConfig, key: &str, context: &Context<'_>) -> Result<Po
             }
             None => known.iter().filter(|l| *l != "benign").cloned().collect(),
         };
+        for (l, t) in &c.thresholds {
+            check_threshold(*t, format!("{key}.thresholds.{l}"))?;
+            if !labels.contains(l) {
+                return Err(invalid(
+                    format!("{key}.thresholds.{l}"),
+                    format!(
+                        "`{l}` is not among the labels that fire ({})",
+                        labels.join(", ")
+                    ),
+                ));
+            }
+        }
+        let labels = labels
+            .into_iter()
+            .map(|l| {
+                let t = c.thresholds.get(&l).copied().unwrap_or(c.threshold);
+                (l, t)
+            })
+            .collect();
         Ok(Some(ClassifierRule {
             action: c.action,
-            threshold: c.threshold,
             labels,
         }))
     };
