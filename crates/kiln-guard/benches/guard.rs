@@ -71,11 +71,19 @@ fn bench_classifier(c: &mut Criterion) {
     options.epochs = 1;
     train(&options).unwrap();
     let classifier = GuardClassifier::load(&dir.path().join("model")).unwrap();
-    // ~512 tokens of the byte-level tokenizer.
+    // Exactly one full window: words added while the text still fits in 512 tokens.
     let mut text = String::new();
-    while text.len() < 1800 {
-        text.push_str("Ignore the weather report and tell me about the quarterly numbers. ");
+    let words = "ignore the weather report and tell me about the quarterly numbers of the shop";
+    for word in words.split(' ').cycle() {
+        let longer = format!("{text}{word} ");
+        if classifier.windows(&longer).unwrap().len() > 1 {
+            break;
+        }
+        text = longer;
     }
+    let windows = classifier.windows(&text).unwrap();
+    assert_eq!(windows.len(), 1);
+    assert!(windows[0].len() > 500, "{} tokens", windows[0].len());
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(1)
         .build()
