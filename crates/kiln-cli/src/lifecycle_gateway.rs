@@ -119,11 +119,7 @@ pub fn gateway_stage(upstream: &str, model: &str, out: &Path) -> Result<GatewayR
             .await?
             .text()
             .await?;
-        let cost_usd = metrics
-            .lines()
-            .filter(|l| l.starts_with("kiln_gateway_cost_usd_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
+        let cost_usd = crate::lifecycle_guard::metric(&metrics, "kiln_gateway_cost_usd_total", &[]);
         anyhow::Ok(GatewayReport {
             authenticated_status,
             authenticated_reply,

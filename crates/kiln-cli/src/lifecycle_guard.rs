@@ -339,7 +339,7 @@ guardrails:
 }
 
 /// The sum of the samples of Prometheus metric `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| {
             l.strip_prefix(name)

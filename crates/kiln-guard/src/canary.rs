@@ -11,9 +11,7 @@
 
 use std::collections::HashSet;
 
-use base64::Engine;
-use base64::engine::DecodePaddingMode;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use crate::encoding::{decode_base64, decode_hex};
 
 use crate::injection::normalize;
 
@@ -78,19 +76,11 @@ fn compact(text: &str) -> String {
 /// The shortest base64 or hex run worth decoding (a 12-byte text encodes to 16 characters).
 const MIN_ENCODED_RUN: usize = 16;
 
-fn base64_engine() -> GeneralPurpose {
-    GeneralPurpose::new(
-        &base64::alphabet::STANDARD,
-        GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
-    )
-}
-
 /// Decodes every base64 or hex run in `text` to (lossy) text.
 fn encoded_runs(text: &str) -> impl Iterator<Item = String> + '_ {
-    let engine = base64_engine();
     text.split(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '/' | '-' | '_' | '=')))
         .filter(|run| run.len() >= MIN_ENCODED_RUN)
-        .flat_map(move |run| {
+        .flat_map(|run| {
             let mut decoded = Vec::new();
             let hex: String = run.chars().filter(|c| *c != '-').collect();
             if hex.len().is_multiple_of(2)
@@ -99,31 +89,11 @@ fn encoded_runs(text: &str) -> impl Iterator<Item = String> + '_ {
             {
                 decoded.push(String::from_utf8_lossy(&bytes).into_owned());
             }
-            let mut b64: String = run
-                .trim_end_matches('=')
-                .chars()
-                .map(|c| match c {
-                    '-' => '+',
-                    '_' => '/',
-                    c => c,
-                })
-                .collect();
-            if b64.len() % 4 == 1 {
-                b64.pop();
-            }
-            if let Ok(bytes) = engine.decode(b64.as_bytes()) {
+            if let Some(bytes) = decode_base64(run) {
                 decoded.push(String::from_utf8_lossy(&bytes).into_owned());
             }
             decoded
         })
-}
-
-fn decode_hex(digits: &str) -> Option<Vec<u8>> {
-    digits
-        .as_bytes()
-        .chunks(2)
-        .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok())
-        .collect()
 }
 
 /// How a reply leaked the system prompt.

@@ -23,9 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use base64::Engine;
-use base64::engine::DecodePaddingMode;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use crate::encoding::{decode_base64, decode_hex};
 use regex::{Regex, RegexSet};
 use unicode_normalization::UnicodeNormalization;
 
@@ -331,7 +329,6 @@ pub struct InjectionScanner {
     hex_run: Regex,
     leet_word: Regex,
     rot13_hint: Regex,
-    base64: GeneralPurpose,
 }
 
 impl Default for InjectionScanner {
@@ -343,8 +340,6 @@ impl Default for InjectionScanner {
 impl InjectionScanner {
     pub fn new() -> Self {
         let patterns: Vec<String> = RULES.iter().map(|r| expand(r.pattern)).collect();
-        let config =
-            GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent);
         InjectionScanner {
             set: compiled_set(&patterns),
             base64_run: compiled(r"[A-Za-z0-9+/_-]{16,}={0,2}"),
@@ -355,7 +350,6 @@ impl InjectionScanner {
             rot13_hint: compiled(
                 r"vtaber|vafgehpgvba|cerivbhf|flfgrz|cebzcg|qvfertneq|cnffjbeq|ehyrf",
             ),
-            base64: GeneralPurpose::new(&base64::alphabet::STANDARD, config),
         }
     }
 
@@ -443,7 +437,7 @@ impl InjectionScanner {
             }
             seen.push(run);
             decoded_runs += 1;
-            if let Some(decoded) = self.decode_base64(run).and_then(printable) {
+            if let Some(decoded) = decode_base64(run).and_then(printable) {
                 self.inner_hit(&decoded, depth, "base64_payload", signals);
             }
         }
@@ -458,24 +452,6 @@ impl InjectionScanner {
                 weight: inner.score,
             });
         }
-    }
-
-    fn decode_base64(&self, run: &str) -> Option<Vec<u8>> {
-        let body = run.trim_end_matches('=');
-        // The URL-safe alphabet differs in two characters; map them to the standard ones.
-        let mut standard: String = body
-            .chars()
-            .map(|c| match c {
-                '-' => '+',
-                '_' => '/',
-                c => c,
-            })
-            .collect();
-        // A length of 1 mod 4 cannot be base64; the run probably swallowed a neighbour.
-        if standard.len() % 4 == 1 {
-            standard.pop();
-        }
-        self.base64.decode(standard.as_bytes()).ok()
     }
 
     /// ROT13 and leetspeak: fold the normalized text back when it hints at them, and report
@@ -559,17 +535,6 @@ fn looks_encoded(run: &str) -> bool {
     let has_inner_upper = body.bytes().skip(1).any(|b| b.is_ascii_uppercase());
     let has_lower = body.bytes().any(|b| b.is_ascii_lowercase());
     (has_digit || has_inner_upper || body.contains(['+', '/'])) && (has_lower || has_digit)
-}
-
-fn decode_hex(digits: &str) -> Option<Vec<u8>> {
-    let bytes = digits.as_bytes();
-    bytes
-        .chunks(2)
-        .map(|pair| {
-            let s = std::str::from_utf8(pair).ok()?;
-            u8::from_str_radix(s, 16).ok()
-        })
-        .collect()
 }
 
 /// The decoded bytes as text, if they are UTF-8 and mostly printable.

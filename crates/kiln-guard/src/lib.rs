@@ -19,6 +19,7 @@
 pub mod canary;
 pub mod classifier;
 pub mod dataset;
+mod encoding;
 pub mod injection;
 pub mod layers;
 pub mod pii;

@@ -450,63 +450,14 @@ fn scratch_config(vocab_size: usize) -> anyhow::Result<ModelConfig> {
 /// and every byte still has a token, so any text encodes.
 pub const SCRATCH_VOCAB: usize = 4096;
 
-/// The special tokens of a scratch tokenizer, ids 0 to 4 in this order (the scratch config's
-/// `bos_token_id` 0, `eos_token_id` 1 and `pad_token_id` 4).
-const SPECIAL_TOKENS: [&str; 5] = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<pad>",
-];
-
-/// Learns a byte-level BPE tokenizer ([`SCRATCH_VOCAB`] tokens) on the texts of `data` and
-/// writes it, with a `tokenizer_config.json` naming its special tokens, into `out`.
+/// Learns a byte-level BPE tokenizer ([`SCRATCH_VOCAB`] tokens, kiln-train's special tokens at
+/// ids 0–4: the scratch config's `bos_token_id` 0, `eos_token_id` 1 and `pad_token_id` 4) on the
+/// texts of `data` and writes it, with a `tokenizer_config.json` naming its special tokens, into
+/// `out`.
 fn write_trained_tokenizer(data: &[Example], out: &Path) -> anyhow::Result<()> {
-    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
-    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-    use tokenizers::processors::template::TemplateProcessing;
-    use tokenizers::{
-        AddedToken, DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper,
-        TokenizerBuilder, TokenizerImpl,
-    };
-    let mut trainer = BpeTrainerBuilder::new()
-        .vocab_size(SCRATCH_VOCAB)
-        .min_frequency(2)
-        .show_progress(false)
-        .special_tokens(
-            SPECIAL_TOKENS
-                .iter()
-                .map(|t| AddedToken::from(*t, true))
-                .collect(),
-        )
-        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
-        .build();
-    let byte_level = ByteLevel::new(false, true, true);
-    let bos = SPECIAL_TOKENS[0];
-    let post = TemplateProcessing::builder()
-        .try_single(format!("{bos} $A"))
-        .map_err(|e| anyhow::anyhow!("the tokenizer's template: {e}"))?
-        .special_tokens(vec![(bos, 0)])
-        .build()
-        .map_err(|e| anyhow::anyhow!("the tokenizer's template: {e}"))?;
-    let mut tokenizer: TokenizerImpl<
-        BPE,
-        NormalizerWrapper,
-        PreTokenizerWrapper,
-        PostProcessorWrapper,
-        DecoderWrapper,
-    > = TokenizerBuilder::new()
-        .with_model(BPE::default())
-        .with_normalizer(None)
-        .with_pre_tokenizer(Some(PreTokenizerWrapper::ByteLevel(byte_level)))
-        .with_post_processor(Some(PostProcessorWrapper::Template(post)))
-        .with_decoder(Some(DecoderWrapper::ByteLevel(byte_level)))
-        .build()
-        .map_err(|e| anyhow::anyhow!("building the tokenizer: {e}"))?;
-    tokenizer
-        .train(&mut trainer, data.iter().map(|e| e.text.as_str()))
-        .map_err(|e| anyhow::anyhow!("learning the tokenizer's vocabulary: {e}"))?;
+    let texts = data.iter().map(|e| e.text.clone()).collect();
+    let tokenizer = kiln_train::corpus::train_tokenizer_on(texts, SCRATCH_VOCAB)
+        .context("learning the classifier's vocabulary from the training texts")?;
     let path = out.join("tokenizer.json");
     tokenizer
         .save(&path, false)

@@ -143,8 +143,31 @@ pub fn for_each_document(
 }
 
 /// Trains a byte-level BPE tokenizer (Llama 3 / GPT-2 style: no unknown tokens, every byte
-/// representable) with kiln's special tokens at ids 0–4 and a post-processor that prepends BOS.
+/// representable) on the corpus `files`, with kiln's special tokens at ids 0–4 and a
+/// post-processor that prepends BOS.
 pub fn train_tokenizer(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer> {
+    // BPE merges are learned from a bounded sample (the corpus's first 64 MiB of text), so
+    // tokenizer training never needs the whole corpus in memory.
+    let mut docs = Vec::new();
+    let mut sampled = 0usize;
+    for_each_document(files, |d| {
+        sampled += d.len();
+        docs.push(d.to_string());
+        Ok(if sampled >= TOKENIZER_SAMPLE_BYTES {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        })
+    })?;
+    if docs.is_empty() {
+        return Err(Error::InvalidInput("the corpus holds no text".into()));
+    }
+    train_tokenizer_on(docs, vocab_size)
+}
+
+/// [`train_tokenizer`] on texts in memory (the guard classifier learns its vocabulary from its
+/// training examples this way).
+pub fn train_tokenizer_on(texts: Vec<String>, vocab_size: usize) -> Result<Tokenizer> {
     let min_vocab = 256 + SPECIAL_TOKENS.len();
     if vocab_size < min_vocab {
         return Err(Error::InvalidInput(format!(
@@ -174,24 +197,8 @@ pub fn train_tokenizer(files: &[PathBuf], vocab_size: usize) -> Result<Tokenizer
         .with_decoder(Some(ByteLevel::default()))
         .build()
         .map_err(tok_err)?;
-    // BPE merges are learned from a bounded sample (the corpus's first 64 MiB of text), so
-    // tokenizer training never needs the whole corpus in memory.
-    let mut docs = Vec::new();
-    let mut sampled = 0usize;
-    for_each_document(files, |d| {
-        sampled += d.len();
-        docs.push(d.to_string());
-        Ok(if sampled >= TOKENIZER_SAMPLE_BYTES {
-            ControlFlow::Break(())
-        } else {
-            ControlFlow::Continue(())
-        })
-    })?;
-    if docs.is_empty() {
-        return Err(Error::InvalidInput("the corpus holds no text".into()));
-    }
     tokenizer
-        .train(&mut trainer, docs.into_iter())
+        .train(&mut trainer, texts.into_iter())
         .map_err(tok_err)?;
     let bos = TemplateProcessing::builder()
         .try_single(format!("{} $A", SPECIAL_TOKENS[0]))
