@@ -63,11 +63,23 @@ fn configuration_mistakes_name_their_key() {
         ),
         ("tenants: {acme: {outptu: {}}}", "guardrails.tenants.acme"),
         ("tenants: {acme: [1]}", "guardrails.tenants.acme"),
+        (
+            "system_prompt: hi\ncanary_token: short",
+            "guardrails.canary_token",
+        ),
     ];
     for (yaml, key) in cases {
         let err = Guardrails::new(&config(yaml)).unwrap_err().to_string();
         assert!(err.contains(key), "{yaml}: {err}");
     }
+    // A configured canary is used as given.
+    let token = "kiln-canary-shared-by-replicas";
+    let g = Guardrails::new(&config(&format!(
+        "system_prompt: hi\ncanary_token: {token}"
+    )))
+    .unwrap();
+    assert_eq!(g.canary().unwrap().token(), token);
+    assert!(g.system_prompt().unwrap().contains(token));
     // Unknown keys are refused when parsing.
     assert!(serde_yaml_ng::from_str::<GuardrailsConfig>("inptu: {}").is_err());
     assert!(

@@ -58,6 +58,11 @@ pub struct GuardrailsConfig {
     /// Plant a canary token in the system prompt (default on when there is one).
     #[serde(default = "yes")]
     pub canary: bool,
+    /// The canary itself, for replicas that must send the same system prompt (so they share
+    /// the response cache and the upstream's prefix cache); pass it as `${KILN_CANARY}`.
+    /// Random per start when absent.
+    #[serde(default)]
+    pub canary_token: Option<String>,
     /// Put the caller's own values back where input redaction left placeholders
     /// (`<EMAIL_1>`) in the reply.
     #[serde(default)]
@@ -81,6 +86,7 @@ impl Default for GuardrailsConfig {
             system_prompt: None,
             client_system_messages: ClientSystemMessages::default(),
             canary: true,
+            canary_token: None,
             restore_pii: false,
             classifier_model: None,
             input: InputConfig::default(),

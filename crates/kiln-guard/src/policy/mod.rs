@@ -238,8 +238,17 @@ impl Guardrails {
     /// Resolves `config`: compiles the detectors, loads the classifier, checks every tenant's
     /// override.
     pub fn new(config: &GuardrailsConfig) -> Result<Self, PolicyError> {
-        let canary = match (&config.system_prompt, config.canary) {
-            (Some(_), true) => Some(Canary::generate()),
+        let canary = match (&config.system_prompt, config.canary, &config.canary_token) {
+            (Some(_), true, Some(token)) => {
+                if token.trim().len() < 16 {
+                    return Err(invalid(
+                        "guardrails.canary_token",
+                        "too short to be unguessable: use 16 characters or more",
+                    ));
+                }
+                Some(Canary::from_token(token.trim()))
+            }
+            (Some(_), true, None) => Some(Canary::generate()),
             _ => None,
         };
         Self::with_canary(config, canary)
