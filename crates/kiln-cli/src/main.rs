@@ -1,6 +1,7 @@
 //! `kiln`: one binary for a language model's whole life: loading and scoring Hugging Face
 //! checkpoints, pre-training, fine-tuning, alignment, quantization and GGUF export, serving, the
-//! gateway in front of it, and the `lifecycle` command that runs them all end to end.
+//! gateway in front of it with its guardrails, and the `lifecycle` command that runs them all end
+//! to end.
 
 mod bench;
 mod data;
@@ -92,9 +93,10 @@ enum Command {
     /// Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
     /// An API gateway in front of OpenAI-compatible upstreams: auth, rate limits, validation,
-    /// a response cache and cost metering.
+    /// guardrails, a response cache and cost metering.
     Gateway(gateway::GatewayArgs),
-    /// Guardrails: train and evaluate the guard classifier (benign, injection, toxic, pii_request).
+    /// Guardrails: train and evaluate the guard classifier (benign, injection, toxic,
+    /// pii_request), and scan a text with every detector.
     #[command(subcommand)]
     Guard(guard::GuardCommand),
 }
