@@ -220,8 +220,7 @@ impl SseRewriter {
             return Ok(());
         }
         let Ok(mut chunk) = serde_json::from_slice::<Value>(data) else {
-            out.extend_from_slice(line);
-            out.extend_from_slice(b"\n\n");
+            // Data the checks cannot read does not go out unchecked.
             return Ok(());
         };
         if let Some(choices) = chunk.get_mut("choices").and_then(Value::as_array_mut) {
