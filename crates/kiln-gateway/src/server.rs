@@ -281,7 +281,8 @@ struct RequestContext {
     prompt_tokens: u64,
     /// The request's guardrails: the output checks and the verdicts for the record.
     guard: Option<RequestGuard>,
-    /// The prompt as kept (scrubbed), when content is captured.
+    /// The prompt to keep, when content is captured; scrubbed at accounting, off the request
+    /// path.
     captured_prompt: Option<String>,
 }
 
@@ -363,7 +364,7 @@ impl RequestContext {
                 tenant: tenant.clone(),
                 model: self.model.clone(),
                 no_train: self.principal.no_train,
-                prompt,
+                prompt: scrubber.scrub(&prompt),
                 completion: outcome.completion.as_deref().map(|c| scrubber.scrub(c)),
             }),
             _ => None,
@@ -523,10 +524,10 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
         .scrubber
         .as_ref()
         .filter(|_| refusal.is_none())
-        .map(|s| {
+        .map(|_| {
             let skip_system =
                 valid.endpoint == Endpoint::Chat && inner.guardrails.system_prompt().is_some();
-            s.scrub(&prompt_text(valid.endpoint, &valid.body, skip_system))
+            prompt_text(valid.endpoint, &valid.body, skip_system)
         });
     let ctx = RequestContext {
         state: state.clone(),
