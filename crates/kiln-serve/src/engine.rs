@@ -7,7 +7,7 @@
 //! the engine frees its slot and KV blocks at the next step.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_model::{FinishReason, SamplingParams};
 use tokio::sync::mpsc;
@@ -91,6 +91,10 @@ pub struct SeqFinish {
     pub completion_tokens: usize,
     /// Prompt tokens whose KV came from the prefix cache.
     pub cached_prompt_tokens: usize,
+    /// From submission to admission into the running batch.
+    pub queue_time: Duration,
+    /// From submission to the first generated token.
+    pub time_to_first_token: Option<Duration>,
 }
 
 /// What a sequence's stream carries: tokens as they are chosen, then exactly one `Finished` or

@@ -13,7 +13,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kiln_model::{CausalLm, FinishReason, PagedKvCache, PagedSeq, Sampler};
 use tokio::sync::mpsc::UnboundedSender;
@@ -100,6 +100,9 @@ struct Seq {
     arrived: Instant,
     /// Whether it has been counted out of the submission queue.
     admitted: bool,
+    /// When it was first admitted to the running batch (its queue time ends there).
+    admitted_at: Option<Instant>,
+    first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
 }
 
@@ -185,6 +188,8 @@ impl Engine {
             cached_prompt_tokens: 0,
             arrived,
             admitted: false,
+            admitted_at: None,
+            first_token_at: None,
             last_token_at: None,
         });
     }
@@ -295,6 +300,7 @@ impl Engine {
             }
             if !s.admitted {
                 s.admitted = true;
+                s.admitted_at = Some(Instant::now());
                 self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                 self.metrics()
                     .request_queue_time
@@ -385,9 +391,12 @@ impl Engine {
             let now = Instant::now();
             let metrics = &self.shared.metrics;
             match s.last_token_at {
-                None => metrics
-                    .time_to_first_token
-                    .observe((now - s.arrived).as_secs_f64()),
+                None => {
+                    s.first_token_at = Some(now);
+                    metrics
+                        .time_to_first_token
+                        .observe((now - s.arrived).as_secs_f64())
+                }
                 Some(t) => metrics.inter_token_latency.observe((now - t).as_secs_f64()),
             }
             metrics.generation_tokens.inc();
@@ -448,6 +457,10 @@ impl Engine {
             prompt_tokens: s.request.prompt_ids.len(),
             completion_tokens: s.generated(),
             cached_prompt_tokens: s.cached_prompt_tokens,
+            queue_time: s
+                .admitted_at
+                .map_or(Duration::ZERO, |t| t.duration_since(s.arrived)),
+            time_to_first_token: s.first_token_at.map(|t| t.duration_since(s.arrived)),
         }));
     }
 

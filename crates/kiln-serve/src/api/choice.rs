@@ -181,6 +181,15 @@ impl Choice {
             index: self.index,
             mean_logprob: mean(self.sum_logprob),
             mean_entropy: mean(self.sum_entropy),
+            queue_ms: self
+                .finished
+                .as_ref()
+                .map(|f| f.queue_time.as_secs_f64() * 1e3),
+            ttft_ms: self
+                .finished
+                .as_ref()
+                .and_then(|f| f.time_to_first_token)
+                .map(|t| t.as_secs_f64() * 1e3),
         }
     }
 

@@ -339,6 +339,12 @@ pub struct KilnChoiceStats {
     pub mean_logprob: Option<f32>,
     /// Mean entropy, in nats, of the distributions those tokens were drawn from.
     pub mean_entropy: Option<f32>,
+    /// Milliseconds the sequence waited before joining the running batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+    /// Milliseconds from arrival to the first generated token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttft_ms: Option<f64>,
 }
 
 /// The response to a non-streaming text completion.
