@@ -14,6 +14,11 @@
 //! PII redaction in and out, the injection heuristics, the system-prompt leak check (no
 //! classifier), so the difference of the two runs is what they cost a request.
 //!
+//! Monitoring is on, as it is by default: traces with the latency split and the reply's
+//! confidence, drift features, the dashboard's series and the monitoring metrics.
+//! `KILN_BENCH_MONITOR=0` turns it off (`monitor.enabled: false`), so the difference of the two
+//! runs is what monitoring costs a request.
+//!
 //! `KILN_BENCH_PEER=URL` also loads another proxy already running in front of the stub (for
 //! LiteLLM: point its `api_base` at the port printed as `stub:`; `KILN_BENCH_STUB_PORT` fixes it;
 //! `KILN_BENCH_PEER_KEY` is the bearer token sent to it).
@@ -171,6 +176,7 @@ fn main() {
     let stub = start_stub(port);
     let dir = tempfile::tempdir().unwrap();
     let guardrails = std::env::var("KILN_BENCH_GUARDRAILS").is_ok_and(|v| v == "1");
+    let monitor = !std::env::var("KILN_BENCH_MONITOR").is_ok_and(|v| v == "0");
     let yaml = format!(
         "listen: 127.0.0.1:0\n\
          upstreams:\n  - name: stub\n    url: http://{stub}/v1\n    models: [\"*\"]\n\
@@ -178,7 +184,8 @@ fn main() {
          limits:\n  backend: memory\n\
          cache:\n  backend: memory\n  ttl_s: 60\n  max_entries: 100000\n\
          pricing:\n  stub:\n    input_per_million: 0.5\n    output_per_million: 1.5\n\
-         store:\n  url: sqlite://{}\n{}",
+         store:\n  url: sqlite://{}\n\
+         monitor:\n  enabled: {monitor}\n{}",
         dir.path().join("gateway.db").display(),
         if guardrails { GUARDRAILS } else { "" }
     );
@@ -188,7 +195,8 @@ fn main() {
     let stub_url = format!("http://{stub}");
     let peer = std::env::var("KILN_BENCH_PEER").ok();
     println!(
-        "setup: stub: {stub}; gateway {gw_url} with API-key auth, memory rate limits, memory cache (every request a miss, then stored), sqlite store{}; {} CPU threads shared by client, gateway and stub",
+        "setup: stub: {stub}; gateway {gw_url} with API-key auth, memory rate limits, memory cache (every request a miss, then stored), sqlite store, monitoring {}{}; {} CPU threads shared by client, gateway and stub",
+        if monitor { "on" } else { "off" },
         if guardrails {
             ", guardrails (PII in and out, injection heuristics, leak check)"
         } else {

@@ -57,6 +57,188 @@ pub struct GatewayConfig {
     /// Prompt-injection defence, PII redaction and output checks ([`kiln_guard::policy`]).
     #[serde(default)]
     pub guardrails: kiln_guard::policy::GuardrailsConfig,
+    /// Traces, drift, hallucination rate, cost per token, the dashboard and OTLP export.
+    #[serde(default)]
+    pub monitor: MonitorConfig,
+}
+
+/// The `monitor` section. Everything is on by default except the exports that need an address
+/// (the drift webhook, OTLP).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorConfig {
+    /// Off: no traces beyond the request record, no drift, no dashboard.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Serve the live dashboard at `/dashboard` (its data at `/dashboard/data`).
+    #[serde(default = "yes")]
+    pub dashboard: bool,
+    /// When set, `/dashboard/data` needs `Authorization: Bearer <key>` (the page passes on
+    /// `?key=` from its own URL). Without it the dashboard is as open as `/metrics`.
+    #[serde(default)]
+    pub dashboard_key: Option<String>,
+    /// Traces queued for the store at most; past it they are dropped and counted
+    /// (`kiln_monitor_traces_dropped_total`), never waited for.
+    #[serde(default = "default_trace_buffer")]
+    pub trace_buffer: usize,
+    /// Width of the dashboard's time buckets, and how many it keeps.
+    #[serde(default = "default_bucket_s")]
+    pub bucket_s: u64,
+    #[serde(default = "default_buckets")]
+    pub buckets: usize,
+    #[serde(default)]
+    pub drift: DriftSettings,
+    #[serde(default)]
+    pub hallucination: HallucinationSettings,
+    /// What the serving instances cost, for the infrastructure cost per token.
+    #[serde(default)]
+    pub infra: Vec<InfraCost>,
+    /// OpenTelemetry spans with `gen_ai.*` attributes, over OTLP/HTTP (JSON).
+    #[serde(default)]
+    pub otlp: Option<OtlpSettings>,
+}
+
+impl Default for MonitorConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dashboard: true,
+            dashboard_key: None,
+            trace_buffer: default_trace_buffer(),
+            bucket_s: default_bucket_s(),
+            buckets: default_buckets(),
+            drift: DriftSettings::default(),
+            hallucination: HallucinationSettings::default(),
+            infra: Vec::new(),
+            otlp: None,
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_trace_buffer() -> usize {
+    10_000
+}
+
+fn default_bucket_s() -> u64 {
+    10
+}
+
+fn default_buckets() -> usize {
+    360
+}
+
+/// `monitor.drift`: a reference window of traffic against the current one.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriftSettings {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// A JSONL file of `{"prompt"}` / `{"prompt","completion"}` rows (or a trace export) to
+    /// compare against. Without one, the first `window` requests after start-up are the
+    /// reference.
+    #[serde(default)]
+    pub reference: Option<PathBuf>,
+    /// Requests in the current (sliding) window, and in the reference when none is given.
+    #[serde(default = "default_drift_window")]
+    pub window: usize,
+    /// Seconds between tests.
+    #[serde(default = "default_drift_interval")]
+    pub interval_s: u64,
+    /// Share of drifted features that makes the traffic drifted (Evidently's `drift_share`).
+    #[serde(default = "default_drift_share")]
+    pub drift_share: f64,
+    /// POSTed a JSON report when drift is detected and when it clears.
+    #[serde(default)]
+    pub webhook: Option<String>,
+}
+
+impl Default for DriftSettings {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            reference: None,
+            window: default_drift_window(),
+            interval_s: default_drift_interval(),
+            drift_share: default_drift_share(),
+            webhook: None,
+        }
+    }
+}
+
+fn default_drift_window() -> usize {
+    500
+}
+
+fn default_drift_interval() -> u64 {
+    60
+}
+
+fn default_drift_share() -> f64 {
+    0.5
+}
+
+/// `monitor.hallucination`: when a reply is flagged.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HallucinationSettings {
+    /// A calibration written by `kiln monitor calibrate` (or the lifecycle); without one a
+    /// documented default mapping from mean log-prob is used.
+    #[serde(default)]
+    pub calibration: Option<PathBuf>,
+    /// Flag a reply whose probability of being wrong is above this.
+    #[serde(default = "default_max_p_wrong")]
+    pub max_p_wrong: f64,
+    /// Flag a reply with context when less than this share of it is supported by the context.
+    #[serde(default = "default_min_grounding")]
+    pub min_grounding: f64,
+}
+
+impl Default for HallucinationSettings {
+    fn default() -> Self {
+        Self {
+            calibration: None,
+            max_p_wrong: default_max_p_wrong(),
+            min_grounding: default_min_grounding(),
+        }
+    }
+}
+
+fn default_max_p_wrong() -> f64 {
+    0.5
+}
+
+fn default_min_grounding() -> f64 {
+    0.5
+}
+
+/// One serving instance's price: `{model: llama, cost_per_hour: 2.5}` (`model: "*"` for every
+/// model without an entry of its own).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InfraCost {
+    pub model: String,
+    pub cost_per_hour: f64,
+}
+
+/// `monitor.otlp`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpSettings {
+    /// The collector's traces endpoint, `http://HOST:4318/v1/traces`.
+    pub endpoint: String,
+    /// Sent with every export (an `authorization` header for a hosted collector).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    "kiln-gateway".into()
 }
 
 fn default_listen() -> String {
@@ -406,6 +588,75 @@ impl GatewayConfig {
             if p.input_per_million < 0.0 || p.output_per_million < 0.0 {
                 return Err(invalid(format!("pricing.{model}"), "prices must be >= 0"));
             }
+        }
+        self.validate_monitor(&invalid)
+    }
+
+    fn validate_monitor(
+        &self,
+        invalid: &dyn Fn(String, &str) -> ConfigError,
+    ) -> Result<(), ConfigError> {
+        let m = &self.monitor;
+        if m.bucket_s == 0 || m.buckets == 0 {
+            return Err(invalid(
+                "monitor.bucket_s".into(),
+                "bucket_s and buckets must be >= 1",
+            ));
+        }
+        if m.trace_buffer == 0 {
+            return Err(invalid("monitor.trace_buffer".into(), "must be >= 1"));
+        }
+        if m.drift.window < 30 {
+            return Err(invalid(
+                "monitor.drift.window".into(),
+                "must be >= 30 requests (drift tests need samples)",
+            ));
+        }
+        if m.drift.interval_s == 0 {
+            return Err(invalid("monitor.drift.interval_s".into(), "must be >= 1"));
+        }
+        if !(m.drift.drift_share > 0.0 && m.drift.drift_share <= 1.0) {
+            return Err(invalid(
+                "monitor.drift.drift_share".into(),
+                "expected a share in (0, 1]",
+            ));
+        }
+        if let Some(url) = &m.drift.webhook
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "monitor.drift.webhook".into(),
+                "expected an http:// or https:// URL",
+            ));
+        }
+        let h = &m.hallucination;
+        if !(0.0..=1.0).contains(&h.max_p_wrong) {
+            return Err(invalid(
+                "monitor.hallucination.max_p_wrong".into(),
+                "expected a probability in [0, 1]",
+            ));
+        }
+        if !(0.0..=1.0).contains(&h.min_grounding) {
+            return Err(invalid(
+                "monitor.hallucination.min_grounding".into(),
+                "expected a share in [0, 1]",
+            ));
+        }
+        for (i, c) in m.infra.iter().enumerate() {
+            if !(c.cost_per_hour >= 0.0 && c.cost_per_hour.is_finite()) {
+                return Err(invalid(
+                    format!("monitor.infra[{i}].cost_per_hour"),
+                    "expected USD per hour >= 0",
+                ));
+            }
+        }
+        if let Some(o) = &m.otlp
+            && !(o.endpoint.starts_with("http://") || o.endpoint.starts_with("https://"))
+        {
+            return Err(invalid(
+                "monitor.otlp.endpoint".into(),
+                "expected an http:// or https:// URL such as http://collector:4318/v1/traces",
+            ));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod guard;
 pub mod limits;
 pub mod metrics;
+pub mod monitor;
 pub mod proxy;
 pub mod server;
 pub mod store;

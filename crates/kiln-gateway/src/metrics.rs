@@ -125,6 +125,16 @@ impl GatewayMetrics {
         }
     }
 
+    /// The registry every metric is in, for others to add theirs (monitoring).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// `model`, or `other` once the model label has too many values.
+    pub fn model_label<'a>(&self, model: &'a str) -> &'a str {
+        self.models.get(model)
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         match prometheus::TextEncoder::new().encode_to_string(&self.registry.gather()) {
@@ -229,13 +239,13 @@ fn status_label(status: u16) -> std::borrow::Cow<'static, str> {
 
 /// The distinct values one label has taken, up to [`MAX_LABEL_VALUES`].
 #[derive(Default)]
-struct LabelCap {
+pub(crate) struct LabelCap {
     seen: RwLock<HashSet<String>>,
 }
 
 impl LabelCap {
     /// `value`, or `other` once the label has [`MAX_LABEL_VALUES`] other values.
-    fn get<'a>(&self, value: &'a str) -> &'a str {
+    pub(crate) fn get<'a>(&self, value: &'a str) -> &'a str {
         {
             let seen = self.seen.read().unwrap_or_else(|e| e.into_inner());
             if seen.contains(value) {

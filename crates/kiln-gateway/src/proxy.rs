@@ -141,6 +141,13 @@ impl Upstreams {
         })
     }
 
+    /// The host and port of upstream `name`, for traces (`server.address`, `server.port`).
+    pub fn address(&self, name: &str) -> Option<(String, Option<u16>)> {
+        let u = self.all().iter().find(|u| u.config.name == name)?;
+        let url = reqwest::Url::parse(&u.config.url).ok()?;
+        Some((url.host_str()?.to_string(), url.port_or_known_default()))
+    }
+
     pub fn all(&self) -> &[Arc<Upstream>] {
         &self.list
     }

@@ -55,6 +55,7 @@ use crate::guard::{
 };
 use crate::limits::{Admission, LimitKey, Limited, RateLimiter};
 use crate::metrics::GatewayMetrics;
+use crate::monitor::{Finished, Monitor, ReplySignals, RequestSignals, StreamSignals};
 use crate::proxy::{Upstreams, spawn_health_checker};
 use crate::store::{Budgets, ContentRecord, RequestRecord, Store};
 use crate::validate::{Endpoint, ValidRequest, Validator, too_large};
@@ -97,6 +98,7 @@ struct Inner {
     store: Store,
     budgets: Budgets,
     metrics: GatewayMetrics,
+    monitor: Arc<Monitor>,
     upstreams: Arc<Upstreams>,
     validator: Validator,
     guardrails: Arc<Guardrails>,
@@ -115,6 +117,11 @@ impl std::fmt::Debug for GatewayState {
 }
 
 impl GatewayState {
+    fn dashboard_on(&self) -> bool {
+        let m = &self.inner.config.monitor;
+        m.enabled && m.dashboard
+    }
+
     pub fn config(&self) -> &GatewayConfig {
         &self.inner.config
     }
@@ -129,6 +136,10 @@ impl GatewayState {
 
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    pub fn monitor(&self) -> &Arc<Monitor> {
+        &self.inner.monitor
     }
 
     pub fn guardrails(&self) -> &Arc<Guardrails> {
@@ -171,6 +182,8 @@ pub async fn build_with(
         None
     };
     let upstreams = Arc::new(Upstreams::new(&config.upstreams)?);
+    let metrics = GatewayMetrics::new();
+    let monitor = Monitor::start(&config, store.clone(), metrics.registry())?;
     spawn_health_checker(&upstreams, options.health_interval);
     let state = GatewayState {
         inner: Arc::new(Inner {
@@ -180,7 +193,8 @@ pub async fn build_with(
             cache,
             store,
             budgets,
-            metrics: GatewayMetrics::new(),
+            metrics,
+            monitor,
             upstreams,
             validator,
             guardrails,
@@ -207,9 +221,11 @@ pub fn router(state: GatewayState) -> Router {
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/dashboard", get(dashboard_page))
+        .route("/dashboard/data", get(dashboard_data))
         .fallback(|req: Request| async move {
             ApiError::not_found(format!(
-                "no route {} {}; the gateway serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health and GET /metrics",
+                "no route {} {}; the gateway serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics and GET /dashboard",
                 req.method(),
                 req.uri().path()
             ))
@@ -218,11 +234,58 @@ pub fn router(state: GatewayState) -> Router {
 }
 
 async fn metrics(State(state): State<GatewayState>) -> Response {
+    state.inner.monitor.refresh_gauges();
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
         state.inner.metrics.render(),
     )
         .into_response()
+}
+
+/// The live dashboard page (its assets are inside it).
+async fn dashboard_page(State(state): State<GatewayState>) -> Response {
+    if !state.dashboard_on() {
+        return ApiError::not_found("the dashboard is off (monitor.dashboard)").into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                kiln_monitor::dashboard::CONTENT_SECURITY_POLICY,
+            ),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        kiln_monitor::dashboard::PAGE,
+    )
+        .into_response()
+}
+
+/// The dashboard's data: the live window as JSON.
+async fn dashboard_data(State(state): State<GatewayState>, headers: HeaderMap) -> Response {
+    if !state.dashboard_on() {
+        return ApiError::not_found("the dashboard is off (monitor.dashboard)").into_response();
+    }
+    if let Some(key) = &state.inner.config.monitor.dashboard_key {
+        let given = authorization(&headers)
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .unwrap_or("");
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), key.as_bytes()).into();
+        if !ok {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                "invalid_api_key",
+                "the dashboard needs its key (monitor.dashboard_key): open /dashboard?key=…",
+            )
+            .into_response();
+        }
+    }
+    let monitor = state.inner.monitor.clone();
+    let data = tokio::task::spawn_blocking(move || monitor.dashboard_data())
+        .await
+        .unwrap_or(Value::Null);
+    ([(header::CACHE_CONTROL, "no-store")], axum::Json(data)).into_response()
 }
 
 async fn health(State(state): State<GatewayState>) -> Response {
@@ -284,6 +347,8 @@ struct RequestContext {
     /// The prompt to keep, when content is captured; scrubbed at accounting, off the request
     /// path.
     captured_prompt: Option<String>,
+    /// What monitoring reads of the request; `None` with monitoring off.
+    signals: Option<RequestSignals>,
 }
 
 /// How a reply ended, for [`RequestContext::account`].
@@ -299,6 +364,10 @@ struct Outcome {
     overhead: Duration,
     /// The reply's text as the client got it, when content is captured.
     completion: Option<String>,
+    /// What monitoring reads of the reply; `None` with monitoring off or without a reply.
+    reply: Option<ReplySignals>,
+    /// The response cache was consulted.
+    cache_lookup: bool,
 }
 
 impl RequestContext {
@@ -369,6 +438,15 @@ impl RequestContext {
             }),
             _ => None,
         };
+        let guard_blocked = outcome.status == 400
+            && self
+                .guard
+                .as_ref()
+                .is_some_and(|g| g.verdicts().iter().any(|v| v.action.as_str() == "block"));
+        let upstream_address = outcome
+            .upstream
+            .as_deref()
+            .and_then(|name| inner.upstreams.address(name));
         let record = RequestRecord {
             request_id: self.request_id,
             at,
@@ -390,20 +468,17 @@ impl RequestContext {
             upstream_ms: outcome.upstream_time.map(|t| t.as_secs_f64() * 1e3),
             no_train: self.principal.no_train,
             guard,
+            total_ms: Some(self.started.elapsed().as_secs_f64() * 1e3),
+            ..RequestRecord::default()
         };
-        let store = inner.store.clone();
-        tokio::spawn(async move {
-            if let Err(e) = store.record(&record).await {
-                eprintln!(
-                    "kiln gateway: recording request {}: {e:#}",
-                    record.request_id
-                );
-            }
-            if let Some(content) = content
-                && let Err(e) = store.record_content(&content).await
-            {
-                eprintln!("kiln gateway: {e:#}");
-            }
+        inner.monitor.finish(Finished {
+            record,
+            content,
+            request: self.signals,
+            reply: outcome.reply,
+            cache_lookup: outcome.cache_lookup,
+            guard_blocked,
+            upstream_address,
         });
     }
 }
@@ -529,6 +604,10 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
                 valid.endpoint == Endpoint::Chat && inner.guardrails.system_prompt().is_some();
             prompt_text(valid.endpoint, &valid.body, skip_system)
         });
+    let signals = inner.monitor.is_enabled().then(|| {
+        let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+        RequestSignals::of(valid.endpoint, &valid.body, traceparent)
+    });
     let ctx = RequestContext {
         state: state.clone(),
         request_id,
@@ -540,6 +619,7 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
         prompt_tokens: valid.prompt_tokens,
         guard,
         captured_prompt,
+        signals,
     };
     if let Some(v) = refusal {
         return refuse_violation(ctx, &v, false, admission);
@@ -570,6 +650,8 @@ fn refuse_violation(
         upstream_time: None,
         overhead,
         completion: None,
+        reply: None,
+        cache_lookup: cache_hit,
     }));
     drop(admission);
     response
@@ -606,6 +688,7 @@ async fn forward(
         (Some(_), false) => Some("miss"),
     };
     let key = key.filter(|_| !no_store);
+    let cache_lookup = key.is_some();
 
     let mut extra = HeaderMap::new();
     admission.headers.apply(&mut extra);
@@ -629,6 +712,7 @@ async fn forward(
                 return refuse_violation(ctx, &v, true, admission);
             }
             let completion = ctx.captured_prompt.as_ref().and_then(|_| reply_text(&body));
+            let reply = ctx.signals.as_ref().map(|_| ReplySignals::of_reply(&body));
             let mut response = if valid.stream {
                 let events = as_sse_events(&body, valid.include_usage).concat();
                 sse_response(StatusCode::OK, Body::from(events))
@@ -646,6 +730,8 @@ async fn forward(
                 upstream_time: None,
                 overhead,
                 completion,
+                reply,
+                cache_lookup: true,
             }));
             drop(admission);
             return response;
@@ -684,6 +770,8 @@ async fn forward(
                 upstream_time: None,
                 overhead,
                 completion: None,
+                reply: None,
+                cache_lookup,
             }));
             return response;
         }
@@ -702,6 +790,7 @@ async fn forward(
             .filter(|g| g.policy().checks_output())
             .map(|_| SseRewriter::default());
         let capture = ctx.captured_prompt.as_ref().map(|_| String::new());
+        let signals = ctx.signals.as_ref().map(|_| StreamSignals::default());
         let tap = Tap {
             ctx: Some(ctx),
             admission: Some(admission),
@@ -717,6 +806,8 @@ async fn forward(
             content_chunks: 0,
             rewriter,
             capture,
+            signals,
+            cache_lookup,
         };
         let stream = TappedStream {
             inner: Box::pin(reply.response.bytes_stream()),
@@ -766,6 +857,8 @@ async fn forward(
                 upstream_time: Some(upstream_time),
                 overhead,
                 completion: None,
+                reply: None,
+                cache_lookup,
             }));
             return response;
         }
@@ -812,6 +905,8 @@ async fn forward(
                 upstream_time: Some(upstream_time),
                 overhead,
                 completion: None,
+                reply: None,
+                cache_lookup,
             }));
             return response;
         };
@@ -822,6 +917,10 @@ async fn forward(
     }
     let completion = match (&ctx.captured_prompt, &checked) {
         (Some(_), Some(reply)) => reply_text(reply),
+        _ => None,
+    };
+    let reply = match (&ctx.signals, &checked) {
+        (Some(_), Some(body)) => Some(ReplySignals::of_reply(body)),
         _ => None,
     };
     let mut response = Response::new(Body::from(body));
@@ -838,6 +937,8 @@ async fn forward(
         upstream_time: Some(upstream_time),
         overhead,
         completion,
+        reply,
+        cache_lookup,
     }));
     drop(admission);
     response
@@ -906,6 +1007,9 @@ struct Tap {
     rewriter: Option<SseRewriter>,
     /// The first choice's text as sent to the client, when content is captured.
     capture: Option<String>,
+    /// What monitoring reads of the events, when it is on.
+    signals: Option<StreamSignals>,
+    cache_lookup: bool,
 }
 
 impl Tap {
@@ -933,6 +1037,9 @@ impl Tap {
             };
             if let Some(u) = usage_of(&chunk) {
                 self.usage = Some(u);
+            }
+            if let Some(signals) = self.signals.as_mut() {
+                signals.push(&chunk, self.upstream_start.elapsed());
             }
             let has_content =
                 chunk
@@ -993,6 +1100,8 @@ impl Tap {
             upstream_time: Some(upstream_time),
             overhead: self.overhead,
             completion: self.capture.take(),
+            reply: self.signals.take().map(StreamSignals::finish),
+            cache_lookup: self.cache_lookup,
         };
         let cache = ctx.state.inner.cache.clone();
         let admission = self.admission.take();
@@ -1175,6 +1284,9 @@ impl Gateway {
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| anyhow::anyhow!("serving: {e}"))?;
+        // Accounting tasks of the last requests may still be queueing traces.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.state.inner.monitor.flush().await;
         self.state.inner.store.close().await;
         Ok(())
     }

@@ -55,6 +55,7 @@ fn record(tenant: &str, at: SystemTime, cost: Option<f64>) -> RequestRecord {
         upstream_ms: Some(12.0),
         no_train: false,
         guard: None,
+        ..RequestRecord::default()
     }
 }
 
@@ -204,10 +205,67 @@ async fn postgres_rows_keep_every_field_and_no_text() {
         row.get::<Option<String>, _>("guard").as_deref(),
         Some("input.pii:redact(EMAIL×2)")
     );
-    assert_eq!(columns.len(), 17, "{columns:?}");
+    assert_eq!(columns.len(), 26, "{columns:?}");
     for forbidden in ["prompt", "completion", "messages", "body", "content"] {
         assert!(!columns.iter().any(|c| c == forbidden), "{columns:?}");
     }
+}
+
+/// A trace with every monitoring field set reads back as written, and a NaN is stored as NULL.
+async fn traces_read_back_every_field(store: &Store) {
+    let tenant = unique_tenant("trace");
+    let at = UNIX_EPOCH + Duration::from_micros(1_764_000_000_654_321);
+    let mut r = record(&tenant, at, Some(0.002));
+    r.operation = Some("chat".into());
+    r.total_ms = Some(120.5);
+    r.queue_ms = Some(3.25);
+    r.ttft_ms = Some(40.0);
+    r.mean_logprob = Some(-0.75);
+    r.mean_entropy = Some(1.5);
+    r.p_wrong = Some(0.3);
+    r.grounding = Some(f64::NAN);
+    r.hallucination = Some(true);
+    r.guard = Some("output.pii:redact(EMAIL)".into());
+    store.record(&r).await.unwrap();
+    let later = record(&tenant, at + Duration::from_secs(10), None);
+    store.record(&later).await.unwrap();
+    let traces = store
+        .traces(at, at + Duration::from_secs(5), 100)
+        .await
+        .unwrap();
+    let t = traces
+        .iter()
+        .find(|t| t.tenant == tenant)
+        .expect("the trace in the window");
+    assert_eq!(t.request_id, r.request_id);
+    assert_eq!(t.at, at);
+    assert_eq!(t.operation.as_deref(), Some("chat"));
+    assert_eq!(t.total_ms, Some(120.5));
+    assert_eq!(t.queue_ms, Some(3.25));
+    assert_eq!(t.ttft_ms, Some(40.0));
+    assert_eq!(t.mean_logprob, Some(-0.75));
+    assert_eq!(t.mean_entropy, Some(1.5));
+    assert_eq!(t.p_wrong, Some(0.3));
+    assert_eq!(t.grounding, None, "NaN is stored as NULL");
+    assert_eq!(t.hallucination, Some(true));
+    assert_eq!(t.cost_usd, Some(0.002));
+    assert_eq!(t.guard.as_deref(), Some("output.pii:redact(EMAIL)"));
+    assert!(
+        !traces.iter().any(|t| t.request_id == later.request_id),
+        "the window's end is exclusive of later traces"
+    );
+}
+
+#[tokio::test]
+async fn sqlite_traces_read_back_every_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("traces.db").display());
+    traces_read_back_every_field(&Store::connect(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn postgres_traces_read_back_every_field() {
+    traces_read_back_every_field(&Store::connect(&database_url()).await.unwrap()).await;
 }
 
 /// Captured content round-trips, and the export query never returns a `no_train` row.
@@ -259,7 +317,7 @@ async fn postgres_content_export_leaves_out_no_train() {
 
 /// A table made before the `guard` column existed gains it on connect, rows kept.
 #[tokio::test]
-async fn an_old_sqlite_table_gains_the_guard_column() {
+async fn an_old_sqlite_table_gains_the_newer_columns() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.db");
     let url = format!("sqlite://{}", path.display());
@@ -282,7 +340,15 @@ async fn an_old_sqlite_table_gains_the_guard_column() {
     let store = Store::connect(&url).await.unwrap();
     let mut r = record("old", SystemTime::now(), Some(0.5));
     r.guard = Some("input.injection:flag(score 0.60: x)".into());
+    r.mean_logprob = Some(-1.0);
+    r.hallucination = Some(false);
     store.record(&r).await.unwrap();
+    let traces = store
+        .traces(UNIX_EPOCH, SystemTime::now() + Duration::from_secs(1), 10)
+        .await
+        .unwrap();
+    assert_eq!(traces[0].mean_logprob, Some(-1.0));
+    assert_eq!(traces[0].hallucination, Some(false));
     assert!(close(
         store.spend_since("old", UNIX_EPOCH).await.unwrap(),
         0.5

@@ -1,30 +1,28 @@
-//! What the gateway records about each request, and the per-tenant budgets built on it.
+//! The trace store: one record per request, in SQLite (a file, the default) or PostgreSQL (one
+//! database for every gateway replica), chosen by the gateway's `store.url`.
 //!
-//! One row per request in one table, [`TABLE`], in SQLite (a file next to the gateway, the
-//! default) or PostgreSQL (one database for every replica, so each replica's budgets start from
-//! the spend of all of them). A row holds ids, the tenant, the model and upstream, the status,
-//! token counts, cost, timings and the guardrails' verdicts — never a prompt or a completion.
-//! `no_train` is kept on every row so that a data export can leave out the tenants whose traffic
-//! must never become training data. Content is kept only when `store.capture_content` is on, in
-//! a second table ([`CONTENT_TABLE`]), after the PII scrubber, and
-//! [`Store::exportable_content`] never returns the rows of `no_train` keys.
+//! A trace holds ids, the tenant, the model and upstream, the status, token counts, cost, the
+//! latency split (the gateway's own time, the upstream's queue, the first token, the whole
+//! request), the cache result, the guardrails' verdicts and the confidence signals of the reply
+//! (mean token log-prob and entropy, the probability it is wrong, how much of it the request's
+//! context supports) — never a prompt or a completion. `no_train` is kept on every row so that a
+//! data export can leave out the tenants whose traffic must never become training data. Content
+//! is kept only when `store.capture_content` is on, in a second table ([`CONTENT_TABLE`]), after
+//! the PII scrubber, and [`Store::exportable_content`] never returns the rows of `no_train` keys.
 //!
-//! Nothing here runs on the request path: [`Store::record`] is a single `INSERT` for the server
-//! to run from a spawned task, and [`Recorder`] goes further, queueing records without waiting
-//! and writing them in multi-row batches from one background task (5,000 records on two cores:
-//! 0.05 s instead of 0.45 s of spawned `INSERT`s on SQLite, 0.2 s instead of 1.1 s on
-//! PostgreSQL). Budgets must not query per request either: [`Budgets`]
-//! loads a tenant's spend for the current period once, then adds each finished request's cost
-//! in memory.
+//! Nothing here runs on the request path: [`Recorder`] queues traces (and content) without
+//! waiting and writes them in multi-row batches from one background task (5,000 records on two
+//! cores: 0.05 s instead of 0.45 s of single `INSERT`s on SQLite, 0.2 s instead of 1.1 s on
+//! PostgreSQL); when its bounded queue is full, records are dropped and counted.
 //!
 //! Times are stored as microseconds since the Unix epoch (`at_us`, a 64-bit integer), the one
-//! representation both databases index and compare the same way.
+//! representation both databases index and compare the same way. Tables made by earlier
+//! versions gain the newer columns when a store connects.
 
-use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use sqlx::postgres::{PgPool, PgPoolOptions};
@@ -34,14 +32,11 @@ use sqlx::sqlite::{
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::Budget;
-use crate::cost::period_start;
-
 /// The table every request is recorded in.
 pub const TABLE: &str = "kiln_gateway_requests";
 
-/// One finished (or refused) request. No prompt or completion text: only what metering,
-/// budgets and audits need.
+/// One finished (or refused) request: a trace. No prompt or completion text: only what
+/// metering, budgets, audits and monitoring need.
 #[derive(Debug, Clone)]
 pub struct RequestRecord {
     pub request_id: String,
@@ -69,7 +64,72 @@ pub struct RequestRecord {
     /// The guardrails' verdicts (`input.pii:redact(EMAIL×2); …`): detectors, actions, kinds
     /// and scores, never the text.
     pub guard: Option<String>,
+    /// `chat` or `text_completion` (the GenAI operation name).
+    pub operation: Option<String>,
+    /// The whole request as the client saw it, to its last byte.
+    pub total_ms: Option<f64>,
+    /// Time the upstream kept the request waiting before it ran (kiln serve reports it).
+    pub queue_ms: Option<f64>,
+    /// Time to the first token: measured by the gateway on streams, reported by kiln serve.
+    pub ttft_ms: Option<f64>,
+    /// Mean log-prob and mean entropy (nats) of the reply's tokens.
+    pub mean_logprob: Option<f64>,
+    pub mean_entropy: Option<f64>,
+    /// The calibrated probability that the reply is wrong, from its confidence.
+    pub p_wrong: Option<f64>,
+    /// The share of the reply's content that the request's context supports, when it had one.
+    pub grounding: Option<f64>,
+    /// The hallucination flag, when the reply was assessed.
+    pub hallucination: Option<bool>,
 }
+
+impl Default for RequestRecord {
+    /// An empty record at the Unix epoch, for building one field by field.
+    fn default() -> Self {
+        Self {
+            request_id: String::new(),
+            at: UNIX_EPOCH,
+            tenant: String::new(),
+            key_id: String::new(),
+            model: String::new(),
+            upstream: None,
+            status: 0,
+            stream: false,
+            cache_hit: false,
+            prompt_tokens: 0,
+            completion_tokens: 0,
+            cost_usd: None,
+            gateway_ms: 0.0,
+            upstream_ms: None,
+            no_train: false,
+            guard: None,
+            operation: None,
+            total_ms: None,
+            queue_ms: None,
+            ttft_ms: None,
+            mean_logprob: None,
+            mean_entropy: None,
+            p_wrong: None,
+            grounding: None,
+            hallucination: None,
+        }
+    }
+}
+
+/// The columns added after the first release, with their SQLite and PostgreSQL types: tables
+/// made before them gain them on connect.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("guard", "TEXT", "TEXT"),
+    ("operation", "TEXT", "TEXT"),
+    ("total_ms", "REAL", "DOUBLE PRECISION"),
+    ("queue_ms", "REAL", "DOUBLE PRECISION"),
+    ("ttft_ms", "REAL", "DOUBLE PRECISION"),
+    ("mean_logprob", "REAL", "DOUBLE PRECISION"),
+    ("mean_entropy", "REAL", "DOUBLE PRECISION"),
+    ("p_wrong", "REAL", "DOUBLE PRECISION"),
+    ("grounding", "REAL", "DOUBLE PRECISION"),
+    ("hallucination", "BOOLEAN", "BOOLEAN"),
+];
 
 /// A request's content, kept only when `store.capture_content` is on and only after the PII
 /// scrubber ran over it.
@@ -123,8 +183,7 @@ const SQLITE_SCHEMA: &[&str] = &[
         cost_usd REAL,
         gateway_ms REAL NOT NULL,
         upstream_ms REAL,
-        no_train BOOLEAN NOT NULL,
-        guard TEXT
+        no_train BOOLEAN NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_tenant_at
         ON kiln_gateway_requests (tenant, at_us)",
@@ -148,13 +207,10 @@ const POSTGRES_SCHEMA: &[&str] = &[
         cost_usd DOUBLE PRECISION,
         gateway_ms DOUBLE PRECISION NOT NULL,
         upstream_ms DOUBLE PRECISION,
-        no_train BOOLEAN NOT NULL,
-        guard TEXT
+        no_train BOOLEAN NOT NULL
     )",
     "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_tenant_at
         ON kiln_gateway_requests (tenant, at_us)",
-    // Tables made before the guard verdicts were recorded.
-    "ALTER TABLE kiln_gateway_requests ADD COLUMN IF NOT EXISTS guard TEXT",
     CONTENT_SCHEMA_PG,
 ];
 
@@ -185,17 +241,21 @@ pub const CONTENT_TABLE: &str = "kiln_gateway_content";
 /// The head of a multi-row INSERT (the builder appends `VALUES (…), (…)`).
 const INSERT_INTO: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
-    cost_usd, gateway_ms, upstream_ms, no_train, guard) ";
+    cost_usd, gateway_ms, upstream_ms, no_train, guard, operation, total_ms, queue_ms, ttft_ms, \
+    mean_logprob, mean_entropy, p_wrong, grounding, hallucination) ";
 
 const SQLITE_INSERT: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
-    cost_usd, gateway_ms, upstream_ms, no_train, guard) \
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    cost_usd, gateway_ms, upstream_ms, no_train, guard, operation, total_ms, queue_ms, ttft_ms, \
+    mean_logprob, mean_entropy, p_wrong, grounding, hallucination) \
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
 const POSTGRES_INSERT: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
-    cost_usd, gateway_ms, upstream_ms, no_train, guard) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)";
+    cost_usd, gateway_ms, upstream_ms, no_train, guard, operation, total_ms, queue_ms, ttft_ms, \
+    mean_logprob, mean_entropy, p_wrong, grounding, hallucination) \
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
+    $17, $18, $19, $20, $21, $22, $23, $24, $25)";
 
 const SQLITE_SPEND: &str =
     "SELECT TOTAL(cost_usd) FROM kiln_gateway_requests WHERE tenant = ? AND at_us >= ?";
@@ -226,6 +286,58 @@ macro_rules! record_values {
             .$bind(r.upstream_ms)
             .$bind(r.no_train)
             .$bind(r.guard.as_deref())
+            .$bind(r.operation.as_deref())
+            .$bind(finite(r.total_ms))
+            .$bind(finite(r.queue_ms))
+            .$bind(finite(r.ttft_ms))
+            .$bind(finite(r.mean_logprob))
+            .$bind(finite(r.mean_entropy))
+            .$bind(finite(r.p_wrong))
+            .$bind(finite(r.grounding))
+            .$bind(r.hallucination)
+    }};
+}
+
+/// The columns [`Store::traces`] reads, in the order `trace_from_row!` expects.
+const TRACE_COLUMNS: &str = "request_id, at_us, tenant, key_id, model, upstream, status, stream, \
+    cache_hit, prompt_tokens, completion_tokens, cost_usd, gateway_ms, upstream_ms, no_train, \
+    guard, operation, total_ms, queue_ms, ttft_ms, mean_logprob, mean_entropy, p_wrong, \
+    grounding, hallucination";
+
+/// A [`RequestRecord`] from a row of `SELECT TRACE_COLUMNS`, as `Result<_, sqlx::Error>`.
+macro_rules! trace_from_row {
+    ($row:expr) => {{
+        use sqlx::Row;
+        let row = $row;
+        let at_us: i64 = row.try_get("at_us")?;
+        let count = |v: i64| u64::try_from(v).unwrap_or(0);
+        Ok::<_, sqlx::Error>(RequestRecord {
+            request_id: row.try_get("request_id")?,
+            at: from_unix_micros(at_us),
+            tenant: row.try_get("tenant")?,
+            key_id: row.try_get("key_id")?,
+            model: row.try_get("model")?,
+            upstream: row.try_get("upstream")?,
+            status: u16::try_from(row.try_get::<i32, _>("status")?).unwrap_or(0),
+            stream: row.try_get("stream")?,
+            cache_hit: row.try_get("cache_hit")?,
+            prompt_tokens: count(row.try_get("prompt_tokens")?),
+            completion_tokens: count(row.try_get("completion_tokens")?),
+            cost_usd: row.try_get("cost_usd")?,
+            gateway_ms: row.try_get("gateway_ms")?,
+            upstream_ms: row.try_get("upstream_ms")?,
+            no_train: row.try_get("no_train")?,
+            guard: row.try_get("guard")?,
+            operation: row.try_get("operation")?,
+            total_ms: row.try_get("total_ms")?,
+            queue_ms: row.try_get("queue_ms")?,
+            ttft_ms: row.try_get("ttft_ms")?,
+            mean_logprob: row.try_get("mean_logprob")?,
+            mean_entropy: row.try_get("mean_entropy")?,
+            p_wrong: row.try_get("p_wrong")?,
+            grounding: row.try_get("grounding")?,
+            hallucination: row.try_get("hallucination")?,
+        })
     }};
 }
 
@@ -278,17 +390,19 @@ impl Store {
                 for statement in SQLITE_SCHEMA {
                     sqlx::query(statement).execute(pool).await?;
                 }
-                // Tables made before the guard verdicts were recorded (SQLite has no
-                // `ADD COLUMN IF NOT EXISTS`).
+                // SQLite has no `ADD COLUMN IF NOT EXISTS`.
                 let columns: Vec<String> = sqlx::query_scalar(
                     "SELECT name FROM pragma_table_info('kiln_gateway_requests')",
                 )
                 .fetch_all(pool)
                 .await?;
-                if !columns.iter().any(|c| c == "guard") {
-                    sqlx::query("ALTER TABLE kiln_gateway_requests ADD COLUMN guard TEXT")
-                        .execute(pool)
-                        .await?;
+                for (name, sqlite_type, _) in ADDED_COLUMNS {
+                    if !columns.iter().any(|c| c == name) {
+                        let add = format!(
+                            "ALTER TABLE kiln_gateway_requests ADD COLUMN {name} {sqlite_type}"
+                        );
+                        sqlx::query(&add).execute(pool).await?;
+                    }
                 }
             }
             Pool::Postgres(pool) => {
@@ -299,6 +413,12 @@ impl Store {
                     .await?;
                 for statement in POSTGRES_SCHEMA {
                     sqlx::query(statement).execute(&mut *tx).await?;
+                }
+                for (name, _, pg_type) in ADDED_COLUMNS {
+                    let add = format!(
+                        "ALTER TABLE kiln_gateway_requests ADD COLUMN IF NOT EXISTS {name} {pg_type}"
+                    );
+                    sqlx::query(&add).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
             }
@@ -418,7 +538,7 @@ impl Store {
             .map(
                 |(request_id, at_us, tenant, model, no_train, prompt, completion)| ContentRecord {
                     request_id,
-                    at: UNIX_EPOCH + Duration::from_micros(u64::try_from(at_us).unwrap_or(0)),
+                    at: from_unix_micros(at_us),
                     tenant,
                     model,
                     no_train,
@@ -452,6 +572,49 @@ impl Store {
         spent.with_context(|| format!("summing the spend of tenant `{tenant}` from {TABLE}"))
     }
 
+    /// The traces of requests that arrived in `[since, until)`, oldest first, at most `limit`.
+    pub async fn traces(
+        &self,
+        since: SystemTime,
+        until: SystemTime,
+        limit: usize,
+    ) -> Result<Vec<RequestRecord>, anyhow::Error> {
+        let (since_us, until_us) = (unix_micros(since), unix_micros(until));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let select = format!(
+            "SELECT {TRACE_COLUMNS} FROM {TABLE} WHERE at_us >= {} AND at_us < {} \
+             ORDER BY at_us LIMIT {}",
+            self.placeholder(1),
+            self.placeholder(2),
+            self.placeholder(3)
+        );
+        let rows = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query(&select)
+                .bind(since_us)
+                .bind(until_us)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .and_then(|rows| rows.iter().map(|r| trace_from_row!(r)).collect()),
+            Pool::Postgres(pool) => sqlx::query(&select)
+                .bind(since_us)
+                .bind(until_us)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .and_then(|rows| rows.iter().map(|r| trace_from_row!(r)).collect()),
+        };
+        rows.with_context(|| format!("reading traces from {TABLE}"))
+    }
+
+    /// The `n`-th bind placeholder of this store's SQL dialect.
+    fn placeholder(&self, n: usize) -> String {
+        match self.pool {
+            Pool::Sqlite(_) => "?".to_string(),
+            Pool::Postgres(_) => format!("${n}"),
+        }
+    }
+
     /// Closes the pool, waiting for queries in flight (and checkpointing SQLite's WAL).
     pub async fn close(&self) {
         match &self.pool {
@@ -477,6 +640,7 @@ pub const RECORD_BATCH: usize = 256;
 
 enum Queued {
     Record(Box<RequestRecord>),
+    Content(Box<ContentRecord>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -494,6 +658,18 @@ impl Recorder {
     /// full or the writer is gone.
     pub fn record(&self, r: RequestRecord) -> bool {
         match self.tx.try_send(Queued::Record(Box::new(r))) {
+            Ok(()) => true,
+            Err(_) => {
+                self.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Queues a request's (already scrubbed) content; `false` (and counted) like
+    /// [`Recorder::record`].
+    pub fn record_content(&self, c: ContentRecord) -> bool {
+        match self.tx.try_send(Queued::Content(Box::new(c))) {
             Ok(()) => true,
             Err(_) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -520,6 +696,7 @@ impl Recorder {
 
 async fn write_batches(store: Store, mut rx: mpsc::Receiver<Queued>, dropped: Arc<AtomicU64>) {
     let mut batch = Vec::with_capacity(RECORD_BATCH);
+    let mut contents = Vec::new();
     let mut acks = Vec::new();
     let mut failing = false;
     while let Some(first) = rx.recv().await {
@@ -527,9 +704,10 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<Queued>, dropped: Ar
         while let Some(queued) = next.take() {
             match queued {
                 Queued::Record(r) => batch.push(*r),
+                Queued::Content(c) => contents.push(*c),
                 Queued::Flush(ack) => acks.push(ack),
             }
-            if batch.len() < RECORD_BATCH {
+            if batch.len() < RECORD_BATCH && contents.len() < RECORD_BATCH {
                 next = rx.try_recv().ok();
             }
         }
@@ -552,6 +730,12 @@ async fn write_batches(store: Store, mut rx: mpsc::Receiver<Queued>, dropped: Ar
                 }
             }
             batch.clear();
+        }
+        for c in contents.drain(..) {
+            if let Err(e) = store.record_content(&c).await {
+                dropped.fetch_add(1, Ordering::Relaxed);
+                eprintln!("kiln gateway: {e:#}");
+            }
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
@@ -599,6 +783,20 @@ fn options_path(url: &str) -> &str {
     rest.split('?').next().unwrap_or(rest)
 }
 
+/// The time `us` microseconds after the Unix epoch (before it when negative).
+fn from_unix_micros(us: i64) -> SystemTime {
+    if us >= 0 {
+        UNIX_EPOCH + Duration::from_micros(us.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_micros(us.unsigned_abs())
+    }
+}
+
+/// `v` when it is a finite number: NaN and infinities are stored as NULL.
+fn finite(v: Option<f64>) -> Option<f64> {
+    v.filter(|x| x.is_finite())
+}
+
 /// Microseconds since the Unix epoch, negative before it, saturating at the i64 range.
 fn unix_micros(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
@@ -636,180 +834,6 @@ fn redact(url: &str) -> String {
         shown.push_str("?…");
     }
     shown
-}
-
-/// How long a tenant's budget goes unchecked after the store failed to load its spend, before
-/// the next request tries again.
-const LOAD_RETRY: Duration = Duration::from_secs(10);
-
-/// The longest a request waits for its tenant's spend to load before it is let through.
-const LOAD_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Per-tenant spending caps.
-///
-/// Each tenant's spend for the current period is loaded from the store the first time the tenant
-/// is checked in that period, then kept in memory and increased by [`Budgets::add`] as requests
-/// finish, so [`Budgets::check`] costs a mutex and no query. A new period (the next UTC day or
-/// month) reloads from the store. With several replicas, each replica counts its own requests on
-/// top of what the store held at its load: a cap is exact per replica and approximate across
-/// them until the next period's reload.
-///
-/// If the store cannot be read the budget is not enforced (logged once per incident) and loading
-/// is retried after a few seconds: a store outage never refuses paying traffic.
-#[derive(Clone)]
-pub struct Budgets {
-    inner: Arc<BudgetsInner>,
-}
-
-struct BudgetsInner {
-    store: Store,
-    /// Every budgeted tenant, fixed at construction: lookups need no lock on the map.
-    tenants: HashMap<String, Slot>,
-}
-
-struct Slot {
-    budget: Budget,
-    spend: Mutex<Spend>,
-    /// Held while the spend is loaded, so that a burst of first requests makes one query.
-    loading: tokio::sync::Mutex<()>,
-}
-
-#[derive(Clone, Copy)]
-enum Spend {
-    Unknown,
-    Loaded {
-        period: SystemTime,
-        spent: f64,
-    },
-    Failed {
-        period: SystemTime,
-        retry_at: Instant,
-    },
-}
-
-enum Fast {
-    Verdict(Result<(), (f64, f64)>),
-    Load { failing: bool },
-}
-
-impl Budgets {
-    pub fn new(cfg: &std::collections::BTreeMap<String, Budget>, store: Store) -> Self {
-        let tenants = cfg
-            .iter()
-            .map(|(tenant, budget)| {
-                let slot = Slot {
-                    budget: *budget,
-                    spend: Mutex::new(Spend::Unknown),
-                    loading: tokio::sync::Mutex::new(()),
-                };
-                (tenant.clone(), slot)
-            })
-            .collect();
-        Self {
-            inner: Arc::new(BudgetsInner { store, tenants }),
-        }
-    }
-
-    /// `Err((spent, budget))` when `tenant` has spent its whole budget for the current period;
-    /// `Ok` for a tenant without a budget.
-    pub async fn check(&self, tenant: &str) -> Result<(), (f64, f64)> {
-        let Some(slot) = self.inner.tenants.get(tenant) else {
-            return Ok(());
-        };
-        let period = period_start(slot.budget.period, SystemTime::now());
-        if let Fast::Verdict(v) = slot.fast(period) {
-            return v;
-        }
-        let _loading = slot.loading.lock().await;
-        // Another request may have loaded it while this one waited.
-        let failing = match slot.fast(period) {
-            Fast::Verdict(v) => return v,
-            Fast::Load { failing } => failing,
-        };
-        let loaded =
-            tokio::time::timeout(LOAD_TIMEOUT, self.inner.store.spend_since(tenant, period)).await;
-        let spent = match loaded {
-            Ok(Ok(spent)) => spent,
-            Ok(Err(e)) => return slot.failed(tenant, period, failing, &format!("{e:#}")),
-            Err(_) => {
-                let why = format!("the store did not answer in {LOAD_TIMEOUT:?}");
-                return slot.failed(tenant, period, failing, &why);
-            }
-        };
-        if failing {
-            eprintln!("kiln gateway: budget of tenant `{tenant}` is enforced again");
-        }
-        // Requests that finished while the query ran are in the store, or will be: start from
-        // the store's figure.
-        *slot.lock() = Spend::Loaded { period, spent };
-        slot.verdict(spent)
-    }
-
-    /// Adds a finished request's cost to `tenant`'s spend in the current period.
-    pub async fn add(&self, tenant: &str, cost_usd: f64) {
-        let Some(slot) = self.inner.tenants.get(tenant) else {
-            return;
-        };
-        if !(cost_usd.is_finite() && cost_usd > 0.0) {
-            return;
-        }
-        let period = period_start(slot.budget.period, SystemTime::now());
-        // Not loaded for this period: the next load reads this request from the store.
-        if let Spend::Loaded { period: p, spent } = &mut *slot.lock()
-            && *p == period
-        {
-            *spent += cost_usd;
-        }
-    }
-}
-
-impl Slot {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Spend> {
-        // The guarded value is plain data, always consistent: a panic elsewhere cannot poison it
-        // in a way that matters.
-        self.spend.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn fast(&self, period: SystemTime) -> Fast {
-        match *self.lock() {
-            Spend::Loaded { period: p, spent } if p == period => Fast::Verdict(self.verdict(spent)),
-            Spend::Failed {
-                period: p,
-                retry_at,
-            } if p == period && Instant::now() < retry_at => Fast::Verdict(Ok(())),
-            Spend::Failed { .. } => Fast::Load { failing: true },
-            _ => Fast::Load { failing: false },
-        }
-    }
-
-    fn verdict(&self, spent: f64) -> Result<(), (f64, f64)> {
-        if spent >= self.budget.budget_usd {
-            Err((spent, self.budget.budget_usd))
-        } else {
-            Ok(())
-        }
-    }
-
-    fn failed(
-        &self,
-        tenant: &str,
-        period: SystemTime,
-        already_failing: bool,
-        why: &str,
-    ) -> Result<(), (f64, f64)> {
-        if !already_failing {
-            eprintln!(
-                "kiln gateway: budget of tenant `{tenant}` not enforced until the store answers \
-                 (retrying every {}s): {why}",
-                LOAD_RETRY.as_secs()
-            );
-        }
-        *self.lock() = Spend::Failed {
-            period,
-            retry_at: Instant::now() + LOAD_RETRY,
-        };
-        Ok(())
-    }
 }
 
 #[cfg(test)]

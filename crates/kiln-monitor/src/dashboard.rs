@@ -1,0 +1,26 @@
+//! The live monitoring page: one self-contained HTML file (inline CSS and JS, no CDN, no web
+//! fonts) that polls `dashboard/data` — relative, so `/dashboard` reads `/dashboard/data` —
+//! every 2 s and draws the [`crate::live::DashboardData`] it gets on `<canvas>` charts.
+//!
+//! The gateway serves [`PAGE`] at `GET /dashboard` with [`CONTENT_TYPE`] and
+//! [`CONTENT_SECURITY_POLICY`], and `Live::snapshot` as JSON at `GET /dashboard/data`. When the
+//! page is opened as `/dashboard?key=…` it sends `Authorization: Bearer …` on every fetch.
+
+/// The page, embedded at build time.
+pub const PAGE: &str = include_str!("../assets/dashboard.html");
+
+/// The `Content-Type` to serve [`PAGE`] with.
+pub const CONTENT_TYPE: &str = "text/html; charset=utf-8";
+
+/// A `Content-Security-Policy` for [`PAGE`]: nothing from elsewhere, fetches only to the same
+/// origin, no framing, and only the page's own inline `<script>` and `<style>` run — allowed by
+/// their SHA-256 hashes (the test `csp_hashes_match_the_page` says the new values when the page
+/// changes).
+pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; \
+    script-src 'sha256-zp5RIxcvySQxhf/LsiJK1aFdqWCs8AUirSfOpOXfl4g='; \
+    style-src 'sha256-Ery93BTKYgjKc7azL9eLaexnA3fSoU3dJgngmUE0oMY='; \
+    connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+    frame-ancestors 'none'";
+
+/// The path the page polls, relative to the page's own path.
+pub const DATA_PATH: &str = "dashboard/data";
