@@ -13,7 +13,9 @@
 //! 4-bit variant closest to f32 served, GGUF exports), `serve` (the SFT model with the DPO and PPO
 //! adapters behind `kiln serve`'s HTTP API: streaming chat requests and `kiln bench serve`) and
 //! `gateway` (`kiln gateway` in front of that server: a keyed request, refused ones, a cache hit
-//! and a rate-limited burst). Later stages add themselves to [`run`].
+//! and a rate-limited burst), `guard` (the guard classifier and a guarded gateway replaying
+//! attacks and personal data) and `monitor` (confidence calibrated against the world's rules,
+//! drift caught on shifted traffic, cost per token). Later stages add themselves to [`run`].
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -67,6 +69,7 @@ struct Report {
     serve: Option<crate::lifecycle_serve::ServeReport>,
     gateway: Option<crate::lifecycle_gateway::GatewayReport>,
     guard: Option<crate::lifecycle_guard::GuardStageReport>,
+    monitor: Option<crate::lifecycle_monitor::MonitorStageReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -94,7 +97,7 @@ struct RewardReport {
 }
 
 /// The stages `kiln lifecycle` runs.
-const STAGES: usize = 11;
+const STAGES: usize = 12;
 
 #[derive(Debug, Serialize)]
 struct DpoReport {
@@ -519,12 +522,32 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         args.seed,
     )
     .context("stage guard")?;
-    server.shutdown().context("stopping kiln serve")?;
     finish_stage(
         &mut stages,
         "guard",
         t,
         crate::lifecycle_guard::headline(&guard_report),
+    );
+
+    // 12. Monitoring: confidence calibrated on the world's checkable questions, then normal and
+    // shifted traffic through a monitored gateway, drift tested on both, and cost per token.
+    let t = Instant::now();
+    let monitor_report = crate::lifecycle_monitor::monitor_stage(
+        &server.url(),
+        "dpo",
+        &world,
+        &data_dir,
+        &out.join("monitor"),
+        args.quick,
+        args.seed,
+    )
+    .context("stage monitor")?;
+    server.shutdown().context("stopping kiln serve")?;
+    finish_stage(
+        &mut stages,
+        "monitor",
+        t,
+        crate::lifecycle_monitor::headline(&monitor_report),
     );
 
     let report = Report {
@@ -540,6 +563,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         serve: Some(serve_report),
         gateway: Some(gateway_report),
         guard: Some(guard_report),
+        monitor: Some(monitor_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -1092,6 +1116,9 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
     }
     if let Some(g) = &report.guard {
         md.push_str(&crate::lifecycle_guard::markdown(g));
+    }
+    if let Some(m) = &report.monitor {
+        md.push_str(&crate::lifecycle_monitor::markdown(m));
     }
     let md_path = out.join("report.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;

@@ -17,10 +17,13 @@ mod info;
 mod lifecycle;
 mod lifecycle_gateway;
 mod lifecycle_guard;
+mod lifecycle_monitor;
 mod lifecycle_quantize;
 mod lifecycle_serve;
 mod merge;
 mod model_args;
+mod monitor;
+mod monitor_drift;
 mod ppo;
 mod pretrain;
 mod quantize;
@@ -99,6 +102,10 @@ enum Command {
     /// pii_request), and scan a text with every detector.
     #[command(subcommand)]
     Guard(guard::GuardCommand),
+    /// Monitoring offline: drift between two windows of traffic, the trace store as JSONL, cost
+    /// per token by model, tenant and day, and the hallucination flag's calibration.
+    #[command(subcommand)]
+    Monitor(monitor::MonitorCommand),
 }
 
 fn main() -> ExitCode {
@@ -123,6 +130,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Gateway(args) => gateway::run(args),
         Command::Guard(cmd) => guard::run(cmd),
+        Command::Monitor(cmd) => monitor::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -800,7 +800,7 @@ pub fn drift_summary(report: &DriftReport) -> String {
         .filter(|f| f.drift)
         .map(|f| {
             format!(
-                "{} {}={:.3} (threshold {})",
+                "{} {}={:.3} (threshold {:.3})",
                 f.feature, f.test, f.score, f.threshold
             )
         })

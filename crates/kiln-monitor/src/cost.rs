@@ -222,8 +222,9 @@ pub fn utc_day(t: SystemTime) -> String {
     format!("{y:04}-{m:02}-{d:02}")
 }
 
-/// (year, month, day) of the `days`-th day after 1970-01-01 (Howard Hinnant's algorithm).
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
+/// (year, month 1–12, day 1–31) of the `days`-th day after 1970-01-01, in the proleptic
+/// Gregorian calendar (Howard Hinnant's `civil_from_days`).
+pub fn civil_from_days(days: i64) -> (i64, i64, i64) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

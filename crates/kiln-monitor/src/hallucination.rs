@@ -18,41 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::confidence::Confidence;
 use crate::grounding::Grounding;
 
-/// The area under the ROC curve: the probability that a random positive scores higher than a
-/// random negative, ties counting one half (the Mann–Whitney U over the pair count).
-///
-/// `scores` and `positives` are paired by position (extra entries of the longer one are
-/// ignored); NaN scores are skipped. `None` when either class is empty.
-pub fn auroc(scores: &[f64], positives: &[bool]) -> Option<f64> {
-    let mut pairs: Vec<(f64, bool)> = scores
-        .iter()
-        .zip(positives)
-        .filter(|(s, _)| !s.is_nan())
-        .map(|(s, p)| (*s, *p))
-        .collect();
-    let n_pos = pairs.iter().filter(|(_, p)| *p).count();
-    let n_neg = pairs.len() - n_pos;
-    if n_pos == 0 || n_neg == 0 {
-        return None;
-    }
-    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
-    // Sum of the positives' mid-ranks (1-based), ties sharing the average rank.
-    let mut rank_sum = 0.0;
-    let mut i = 0;
-    while i < pairs.len() {
-        let mut j = i;
-        while j < pairs.len() && pairs[j].0.total_cmp(&pairs[i].0).is_eq() {
-            j += 1;
-        }
-        let mid_rank = (i + 1 + j) as f64 / 2.0;
-        let pos_in_group = pairs[i..j].iter().filter(|(_, p)| *p).count();
-        rank_sum += mid_rank * pos_in_group as f64;
-        i = j;
-    }
-    let n_pos_f = n_pos as f64;
-    let u = rank_sum - n_pos_f * (n_pos_f + 1.0) / 2.0;
-    Some(u / (n_pos_f * n_neg as f64))
-}
+pub use crate::stats::auroc;
 
 /// The number of features [`Calibration`] uses.
 const FEATURES: usize = 3;

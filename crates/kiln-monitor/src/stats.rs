@@ -521,33 +521,34 @@ pub fn gamma_q(a: f64, x: f64) -> f64 {
 }
 
 /// Area under the ROC curve, by Mann–Whitney: the probability that a random positive scores
-/// above a random negative, ties counting ½ (`sklearn.metrics.roc_auc_score`). `None` when
-/// either class is empty or the lengths differ.
+/// above a random negative, ties counting ½ (`sklearn.metrics.roc_auc_score`). NaN scores are
+/// left out. `None` when either class is empty or the lengths differ.
 pub fn auroc(scores: &[f64], labels: &[bool]) -> Option<f64> {
     if scores.len() != labels.len() {
         return None;
     }
-    let n_pos = labels.iter().filter(|l| **l).count();
-    let n_neg = labels.len() - n_pos;
+    let mut pairs: Vec<(f64, bool)> = scores
+        .iter()
+        .zip(labels)
+        .filter(|(s, _)| !s.is_nan())
+        .map(|(s, l)| (*s, *l))
+        .collect();
+    let n_pos = pairs.iter().filter(|(_, l)| *l).count();
+    let n_neg = pairs.len() - n_pos;
     if n_pos == 0 || n_neg == 0 {
         return None;
     }
-    let mut idx: Vec<usize> = (0..scores.len()).collect();
-    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    pairs.sort_by(|a, b| a.0.total_cmp(&b.0));
     // Sum of (average, 1-based) ranks of the positives.
     let mut rank_sum = 0.0;
     let mut k = 0;
-    while k < idx.len() {
+    while k < pairs.len() {
         let mut e = k;
-        while e + 1 < idx.len() && scores[idx[e + 1]] == scores[idx[k]] {
+        while e + 1 < pairs.len() && pairs[e + 1].0 == pairs[k].0 {
             e += 1;
         }
         let avg = (k + e) as f64 / 2.0 + 1.0;
-        for &t in &idx[k..=e] {
-            if labels[t] {
-                rank_sum += avg;
-            }
-        }
+        rank_sum += avg * pairs[k..=e].iter().filter(|(_, l)| *l).count() as f64;
         k = e + 1;
     }
     let (p, q) = (n_pos as f64, n_neg as f64);
