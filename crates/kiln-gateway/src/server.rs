@@ -443,9 +443,11 @@ impl RequestContext {
                 .guard
                 .as_ref()
                 .is_some_and(|g| g.verdicts().iter().any(|v| v.action.as_str() == "block"));
+        // Only spans carry the upstream's address: no URL parsing without them.
         let upstream_address = outcome
             .upstream
             .as_deref()
+            .filter(|_| inner.monitor.exports_spans())
             .and_then(|name| inner.upstreams.address(name));
         let record = RequestRecord {
             request_id: self.request_id,

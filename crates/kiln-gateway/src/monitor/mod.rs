@@ -19,13 +19,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts,
-    Registry,
-};
+use prometheus::Registry;
 use serde_json::{Value, json};
 
-use kiln_monitor::confidence::{Confidence, StreamConfidence};
 use kiln_monitor::drift::{DriftConfig, DriftReport, detect};
 use kiln_monitor::features::{LengthUnit, Sample, SampleFeatures, read_samples};
 use kiln_monitor::grounding::Context as GroundingContext;
@@ -38,8 +34,12 @@ use kiln_monitor::otlp::{
 use kiln_monitor::store::{ContentRecord, Recorder, RequestRecord, Store};
 
 use crate::config::{GatewayConfig, MonitorConfig};
-use crate::metrics::LabelCap;
-use crate::validate::Endpoint;
+
+mod metrics;
+mod signals;
+
+use metrics::MonitorMetrics;
+pub use signals::{ReplySignals, RequestSignals, StreamSignals};
 
 /// Everything the gateway's monitoring keeps. Shared by every request (behind the state's `Arc`).
 pub struct Monitor {
@@ -52,220 +52,6 @@ pub struct Monitor {
     infra: Vec<(String, f64)>,
     otlp: Option<OtlpExporter>,
     metrics: MonitorMetrics,
-}
-
-/// What a request brought that monitoring uses, taken on the request path from what was already
-/// parsed.
-#[derive(Debug, Default)]
-pub struct RequestSignals {
-    /// `chat` or `text_completion`.
-    pub operation: &'static str,
-    /// The user's text (chat: the user messages; completions: the prompt).
-    pub prompt: String,
-    /// Retrieved context found in the messages, for the grounding check.
-    pub context: Option<String>,
-    pub max_tokens: Option<u64>,
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub seed: Option<i64>,
-    pub n: Option<u64>,
-    /// The caller's W3C trace context, so the span joins its trace.
-    pub parent: Option<([u8; 16], [u8; 8])>,
-}
-
-/// What the reply brought: read from a whole reply, or gathered from a stream's events.
-#[derive(Debug, Default)]
-pub struct ReplySignals {
-    /// The first choice's text.
-    pub text: Option<String>,
-    pub confidence: Option<Confidence>,
-    pub finish_reasons: Vec<String>,
-    pub response_id: Option<String>,
-    pub response_model: Option<String>,
-    /// Time to the first token: measured on streams, reported by kiln serve otherwise.
-    pub ttft: Option<Duration>,
-    /// The upstream's own queue time (kiln serve's `kiln.choices[].queue_ms`).
-    pub queue_ms: Option<f64>,
-}
-
-impl RequestSignals {
-    /// Reads the signals of a validated request body.
-    pub fn of(endpoint: Endpoint, body: &Value, traceparent: Option<&str>) -> Self {
-        let operation = match endpoint {
-            Endpoint::Chat => "chat",
-            Endpoint::Completion => "text_completion",
-        };
-        let prompt = match endpoint {
-            Endpoint::Chat => user_text(body),
-            Endpoint::Completion => match body.get("prompt") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Array(items)) => items
-                    .iter()
-                    .filter_map(Value::as_str)
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                _ => String::new(),
-            },
-        };
-        let number = |key: &str| body.get(key).and_then(Value::as_f64);
-        let count = |key: &str| body.get(key).and_then(Value::as_u64);
-        Self {
-            operation,
-            prompt,
-            context: kiln_monitor::grounding::context_of(body),
-            max_tokens: count("max_completion_tokens").or_else(|| count("max_tokens")),
-            temperature: number("temperature"),
-            top_p: number("top_p"),
-            seed: body.get("seed").and_then(Value::as_i64),
-            n: count("n"),
-            parent: traceparent
-                .and_then(kiln_monitor::otlp::parse_traceparent)
-                .map(|(trace, span, _)| (trace, span)),
-        }
-    }
-}
-
-/// The text of a chat request's user messages (string or text parts), one per line.
-fn user_text(body: &Value) -> String {
-    let mut out = String::new();
-    for m in body
-        .get("messages")
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-    {
-        if m.get("role").and_then(Value::as_str) != Some("user") {
-            continue;
-        }
-        let mut push = |s: &str| {
-            if !out.is_empty() {
-                out.push('\n');
-            }
-            out.push_str(s);
-        };
-        match m.get("content") {
-            Some(Value::String(s)) => push(s),
-            Some(Value::Array(parts)) => {
-                for p in parts {
-                    if let Some(s) = p.get("text").and_then(Value::as_str) {
-                        push(s);
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-impl ReplySignals {
-    /// Reads a whole (non-streamed) reply.
-    pub fn of_reply(body: &Value) -> Self {
-        let first = body.get("choices").and_then(|c| c.get(0));
-        let text = first.and_then(|c| {
-            c.get("message")
-                .and_then(|m| m.get("content"))
-                .or_else(|| c.get("text"))
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        });
-        let finish_reasons = body
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(|c| c.get("finish_reason").and_then(Value::as_str))
-            .map(str::to_string)
-            .collect();
-        let kiln = kiln_stats(body);
-        Self {
-            text,
-            confidence: kiln_monitor::confidence::from_reply(body, 0),
-            finish_reasons,
-            response_id: body.get("id").and_then(Value::as_str).map(str::to_string),
-            response_model: body
-                .get("model")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            ttft: kiln
-                .and_then(|k| k.get("ttft_ms"))
-                .and_then(Value::as_f64)
-                .filter(|ms| ms.is_finite() && *ms >= 0.0)
-                .map(|ms| Duration::from_secs_f64(ms / 1e3)),
-            queue_ms: kiln.and_then(|k| k.get("queue_ms")).and_then(Value::as_f64),
-        }
-    }
-}
-
-/// kiln serve's per-choice statistics of the first choice, when the reply carries them.
-fn kiln_stats(body: &Value) -> Option<&Value> {
-    body.get("kiln")?.get("choices")?.get(0)
-}
-
-/// Gathers [`ReplySignals`] from a stream's events as they pass.
-#[derive(Debug, Default)]
-pub struct StreamSignals {
-    text: String,
-    confidence: StreamConfidence,
-    finish_reasons: Vec<String>,
-    response_id: Option<String>,
-    response_model: Option<String>,
-    queue_ms: Option<f64>,
-    /// When the first content arrived, measured from the upstream request's start.
-    pub first_token: Option<Duration>,
-}
-
-impl StreamSignals {
-    /// One parsed `data:` event; `since_upstream` is the time since the upstream request began.
-    pub fn push(&mut self, chunk: &Value, since_upstream: Duration) {
-        self.confidence.push_chunk(chunk);
-        if self.response_id.is_none() {
-            self.response_id = chunk.get("id").and_then(Value::as_str).map(str::to_string);
-            self.response_model = chunk
-                .get("model")
-                .and_then(Value::as_str)
-                .map(str::to_string);
-        }
-        if let Some(q) = kiln_stats(chunk)
-            .and_then(|k| k.get("queue_ms"))
-            .and_then(Value::as_f64)
-        {
-            self.queue_ms = Some(q);
-        }
-        for c in chunk
-            .get("choices")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(reason) = c.get("finish_reason").and_then(Value::as_str) {
-                self.finish_reasons.push(reason.to_string());
-            }
-            let text = c
-                .get("delta")
-                .and_then(|d| d.get("content"))
-                .or_else(|| c.get("text"))
-                .and_then(Value::as_str);
-            if let Some(t) = text.filter(|t| !t.is_empty()) {
-                self.first_token.get_or_insert(since_upstream);
-                if c.get("index").and_then(Value::as_u64).unwrap_or(0) == 0 {
-                    self.text.push_str(t);
-                }
-            }
-        }
-    }
-
-    pub fn finish(self) -> ReplySignals {
-        ReplySignals {
-            text: Some(self.text),
-            confidence: self.confidence.finish(),
-            finish_reasons: self.finish_reasons,
-            response_id: self.response_id,
-            response_model: self.response_model,
-            ttft: self.first_token,
-            queue_ms: self.queue_ms,
-        }
-    }
 }
 
 /// A finished request as the accounting saw it.
@@ -347,6 +133,11 @@ impl Monitor {
         self.enabled
     }
 
+    /// Whether finished requests become OTLP spans.
+    pub fn exports_spans(&self) -> bool {
+        self.enabled && self.otlp.is_some()
+    }
+
     pub fn live(&self) -> &Live {
         &self.live
     }
@@ -408,8 +199,8 @@ impl Monitor {
         let Finished {
             mut record,
             content,
-            request,
-            reply,
+            mut request,
+            mut reply,
             cache_lookup,
             guard_blocked,
             upstream_address,
@@ -422,7 +213,7 @@ impl Monitor {
         let answered = record.status < 400;
         if self.enabled
             && answered
-            && let Some(reply) = &reply
+            && let Some(reply) = &mut reply
         {
             record.queue_ms = reply.queue_ms.filter(|q| q.is_finite() && *q >= 0.0);
             record.ttft_ms = reply.ttft.map(|t| t.as_secs_f64() * 1e3);
@@ -451,12 +242,13 @@ impl Monitor {
                 record.hallucination = Some(a.flagged);
                 self.metrics.assessed(&record.model, a);
             }
-            if let (Some(drift), Some(req)) = (&self.drift, &request) {
+            if let (Some(drift), Some(req)) = (&self.drift, &mut request) {
                 // Lengths in the reference's unit: words, or tokens for a trace export.
                 let tokens = drift.token_lengths;
+                // The texts are not needed after this: moved, not copied.
                 let sample = Sample {
-                    prompt: Some(req.prompt.clone()),
-                    completion: reply.text.clone(),
+                    prompt: Some(std::mem::take(&mut req.prompt)),
+                    completion: reply.text.take(),
                     prompt_tokens: tokens.then_some(record.prompt_tokens),
                     completion_tokens: tokens.then_some(record.completion_tokens),
                     output_entropy: reply.confidence.and_then(|c| c.mean_entropy),
@@ -815,302 +607,4 @@ pub fn drift_summary(report: &DriftReport) -> String {
             format!(": {}", drifted.join(", "))
         }
     )
-}
-
-/// The monitoring metrics, registered in the gateway's registry.
-struct MonitorMetrics {
-    duration: HistogramVec,
-    ttft: HistogramVec,
-    queue: HistogramVec,
-    token_usage: HistogramVec,
-    operation_duration: HistogramVec,
-    assessed: IntCounterVec,
-    hallucinations: IntCounterVec,
-    p_wrong: Histogram,
-    grounding: Histogram,
-    drift_score: GaugeVec,
-    drift_threshold: GaugeVec,
-    feature_drift: GaugeVec,
-    drift: Gauge,
-    drift_share: Gauge,
-    drift_alerts: IntCounter,
-    traces_dropped: IntCounter,
-    spans_dropped: IntCounter,
-    infra_cost_per_1k: GaugeVec,
-    price_cost_per_1k: GaugeVec,
-    /// Model names come from callers when an upstream serves `"*"`: capped.
-    models: LabelCap,
-}
-
-const LATENCY_BUCKETS: &[f64] = &[
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
-];
-
-/// `gen_ai.client.token.usage`'s buckets: 1, 4, 16, …, 4^13.
-fn token_buckets() -> Vec<f64> {
-    (0..14).map(|i| 4f64.powi(i)).collect()
-}
-
-/// `gen_ai.client.operation.duration`'s buckets, in seconds.
-const OPERATION_BUCKETS: &[f64] = &[
-    0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92,
-];
-
-const SHARE_BUCKETS: &[f64] = &[0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0];
-
-impl MonitorMetrics {
-    fn new(registry: &Registry) -> anyhow::Result<Self> {
-        fn reg<M: prometheus::core::Collector + Clone + 'static>(
-            registry: &Registry,
-            m: Result<M, prometheus::Error>,
-        ) -> anyhow::Result<M> {
-            let m = m?;
-            registry.register(Box::new(m.clone()))?;
-            Ok(m)
-        }
-        let hist = |name: &str, help: &str, buckets: &[f64], labels: &[&str]| {
-            HistogramVec::new(
-                HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-                labels,
-            )
-        };
-        Ok(Self {
-            duration: reg(
-                registry,
-                hist(
-                    "kiln_gateway_request_duration_seconds",
-                    "Whole requests as the client saw them, to the last byte.",
-                    LATENCY_BUCKETS,
-                    &["model"],
-                ),
-            )?,
-            ttft: reg(
-                registry,
-                hist(
-                    "kiln_gateway_time_to_first_token_seconds",
-                    "Time to the first token: measured on streams, reported by kiln serve otherwise.",
-                    LATENCY_BUCKETS,
-                    &["model"],
-                ),
-            )?,
-            queue: reg(
-                registry,
-                hist(
-                    "kiln_gateway_upstream_queue_seconds",
-                    "Time requests waited in the upstream's queue (as kiln serve reports it).",
-                    LATENCY_BUCKETS,
-                    &["model"],
-                ),
-            )?,
-            token_usage: reg(
-                registry,
-                hist(
-                    "gen_ai_client_token_usage",
-                    "Tokens per request (OpenTelemetry gen_ai.client.token.usage).",
-                    &token_buckets(),
-                    &[
-                        "gen_ai_operation_name",
-                        "gen_ai_request_model",
-                        "gen_ai_token_type",
-                    ],
-                ),
-            )?,
-            operation_duration: reg(
-                registry,
-                hist(
-                    "gen_ai_client_operation_duration_seconds",
-                    "Request duration (OpenTelemetry gen_ai.client.operation.duration).",
-                    OPERATION_BUCKETS,
-                    &["gen_ai_operation_name", "gen_ai_request_model"],
-                ),
-            )?,
-            assessed: reg(
-                registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "kiln_monitor_assessed_total",
-                        "Replies scored for hallucination (confidence and/or grounding).",
-                    ),
-                    &["model"],
-                ),
-            )?,
-            hallucinations: reg(
-                registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "kiln_monitor_hallucinations_total",
-                        "Replies flagged as likely hallucinated, by reason (low_confidence, ungrounded).",
-                    ),
-                    &["model", "reason"],
-                ),
-            )?,
-            p_wrong: reg(
-                registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "kiln_monitor_p_wrong",
-                        "Calibrated probability that a reply is wrong, from its token confidence.",
-                    )
-                    .buckets(SHARE_BUCKETS.to_vec()),
-                ),
-            )?,
-            grounding: reg(
-                registry,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "kiln_monitor_grounding",
-                        "Share of a reply's content supported by the request's context.",
-                    )
-                    .buckets(SHARE_BUCKETS.to_vec()),
-                ),
-            )?,
-            drift_score: reg(
-                registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "kiln_monitor_drift_score",
-                        "The deciding drift statistic of each feature at the last test.",
-                    ),
-                    &["feature", "test"],
-                ),
-            )?,
-            drift_threshold: reg(
-                registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "kiln_monitor_drift_threshold",
-                        "The threshold each feature's drift score is compared with.",
-                    ),
-                    &["feature"],
-                ),
-            )?,
-            feature_drift: reg(
-                registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "kiln_monitor_feature_drift",
-                        "1 when the feature drifted at the last test.",
-                    ),
-                    &["feature"],
-                ),
-            )?,
-            drift: reg(
-                registry,
-                Gauge::new(
-                    "kiln_monitor_drift",
-                    "1 when the share of drifted features reached drift_share at the last test.",
-                ),
-            )?,
-            drift_share: reg(
-                registry,
-                Gauge::new(
-                    "kiln_monitor_drift_share",
-                    "Share of features drifted at the last test.",
-                ),
-            )?,
-            drift_alerts: reg(
-                registry,
-                IntCounter::new(
-                    "kiln_monitor_drift_alerts_total",
-                    "Times the drift verdict turned to drifted.",
-                ),
-            )?,
-            traces_dropped: reg(
-                registry,
-                IntCounter::new(
-                    "kiln_monitor_traces_dropped_total",
-                    "Traces lost: queue full or refused by the store.",
-                ),
-            )?,
-            spans_dropped: reg(
-                registry,
-                IntCounter::new(
-                    "kiln_monitor_otlp_spans_dropped_total",
-                    "Spans not queued for OTLP export because its queue was full.",
-                ),
-            )?,
-            infra_cost_per_1k: reg(
-                registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "kiln_monitor_infra_cost_per_1k_tokens_usd",
-                        "Instance cost per hour over the dashboard window, per 1,000 tokens served.",
-                    ),
-                    &["model"],
-                ),
-            )?,
-            price_cost_per_1k: reg(
-                registry,
-                GaugeVec::new(
-                    Opts::new(
-                        "kiln_monitor_cost_per_1k_tokens_usd",
-                        "Cost per 1,000 tokens from the configured prices, over the dashboard window.",
-                    ),
-                    &["model"],
-                ),
-            )?,
-            models: LabelCap::default(),
-        })
-    }
-
-    fn observe(&self, r: &RequestRecord) {
-        let model = self.models.get(&r.model);
-        if let Some(ms) = r.total_ms {
-            self.duration.with_label_values(&[model]).observe(ms / 1e3);
-        }
-        if let Some(ms) = r.ttft_ms {
-            self.ttft.with_label_values(&[model]).observe(ms / 1e3);
-        }
-        if let Some(ms) = r.queue_ms {
-            self.queue.with_label_values(&[model]).observe(ms / 1e3);
-        }
-        if r.status < 400 {
-            let op = r.operation.as_deref().unwrap_or("chat");
-            self.token_usage
-                .with_label_values(&[op, model, "input"])
-                .observe(r.prompt_tokens as f64);
-            self.token_usage
-                .with_label_values(&[op, model, "output"])
-                .observe(r.completion_tokens as f64);
-            if let Some(ms) = r.total_ms {
-                self.operation_duration
-                    .with_label_values(&[op, model])
-                    .observe(ms / 1e3);
-            }
-        }
-    }
-
-    fn assessed(&self, model: &str, a: &kiln_monitor::hallucination::Assessment) {
-        let model = self.models.get(model);
-        self.assessed.with_label_values(&[model]).inc();
-        if let Some(p) = a.p_wrong {
-            self.p_wrong.observe(p);
-        }
-        if let Some(g) = a.grounding {
-            self.grounding.observe(g);
-        }
-        if a.flagged {
-            for reason in &a.reasons {
-                self.hallucinations
-                    .with_label_values(&[model, reason])
-                    .inc();
-            }
-        }
-    }
-
-    fn drift(&self, report: &DriftReport) {
-        for f in &report.features {
-            self.drift_score
-                .with_label_values(&[&f.feature, &f.test])
-                .set(f.score);
-            self.drift_threshold
-                .with_label_values(&[&f.feature])
-                .set(f.threshold);
-            self.feature_drift
-                .with_label_values(&[&f.feature])
-                .set(if f.drift { 1.0 } else { 0.0 });
-        }
-        self.drift.set(if report.drift { 1.0 } else { 0.0 });
-        self.drift_share.set(report.share);
-    }
 }
