@@ -198,14 +198,17 @@ pub fn monitor_stage(
         })
     };
     let monitor = gateway.state().monitor().clone();
+    let settle = || runtime.block_on(gateway.state().settle(Duration::from_secs(30)));
     let mut sent = 0;
     // The reference window, then a current window of the same traffic.
     let reference: Vec<Value> = normal(&mut rng).iter().map(|p| chat(p)).collect();
     sent += reference.len();
     runtime.block_on(send_bodies(&client, &url, reference))?;
+    settle();
     let current: Vec<Value> = normal(&mut rng).iter().map(|p| chat(p)).collect();
     sent += current.len();
     runtime.block_on(send_bodies(&client, &url, current))?;
+    settle();
     let normal_report = runtime
         .block_on(monitor.check_drift())
         .context("the drift windows did not fill")?;
@@ -216,6 +219,7 @@ pub fn monitor_stage(
         .collect();
     sent += shifted.len();
     runtime.block_on(send_bodies(&client, &url, shifted))?;
+    settle();
     let shifted_report = runtime
         .block_on(monitor.check_drift())
         .context("the drift window did not fill")?;

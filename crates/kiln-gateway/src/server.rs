@@ -66,6 +66,8 @@ use kiln_guard::policy::{Guardrails, RequestGuard, Violation};
 pub const CACHE_HEADER: &str = "x-kiln-cache";
 /// How often upstreams are health-checked by default.
 pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
+/// The longest shutdown waits for the last requests' accounting.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A streamed reply is assembled for the cache only up to this many bytes of events.
 const MAX_ASSEMBLED_BYTES: usize = 4 << 20;
 
@@ -105,6 +107,8 @@ struct Inner {
     /// Scrubs content before it is kept; `None` unless `store.capture_content`.
     scrubber: Option<Scrubber>,
     requests: AtomicU64,
+    /// Requests past validation whose accounting (metrics, budget, trace) has not finished.
+    unaccounted: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for GatewayState {
@@ -117,6 +121,17 @@ impl std::fmt::Debug for GatewayState {
 }
 
 impl GatewayState {
+    /// Waits (up to `timeout`) until every answered request has been accounted, then until its
+    /// trace is in the store and its span sent: for shutdown, tests and the lifecycle, which
+    /// read what the gateway recorded.
+    pub async fn settle(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.inner.unaccounted.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.inner.monitor.flush().await;
+    }
+
     fn dashboard_on(&self) -> bool {
         let m = &self.inner.config.monitor;
         m.enabled && m.dashboard
@@ -200,6 +215,7 @@ pub async fn build_with(
             guardrails,
             scrubber,
             requests: AtomicU64::new(0),
+            unaccounted: Arc::new(AtomicU64::new(0)),
         }),
     };
     Ok((router(state.clone()), state))
@@ -349,6 +365,25 @@ struct RequestContext {
     captured_prompt: Option<String>,
     /// What monitoring reads of the request; `None` with monitoring off.
     signals: Option<RequestSignals>,
+    /// Counts the request as unaccounted until the context is consumed by `account` (or
+    /// dropped).
+    _unaccounted: Unaccounted,
+}
+
+/// One request in [`Inner::unaccounted`], for as long as it lives.
+struct Unaccounted(Arc<AtomicU64>);
+
+impl Unaccounted {
+    fn new(counter: &Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Unaccounted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a reply ended, for [`RequestContext::account`].
@@ -622,6 +657,7 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
         guard,
         captured_prompt,
         signals,
+        _unaccounted: Unaccounted::new(&inner.unaccounted),
     };
     if let Some(v) = refusal {
         return refuse_violation(ctx, &v, false, admission);
@@ -1286,9 +1322,8 @@ impl Gateway {
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|e| anyhow::anyhow!("serving: {e}"))?;
-        // Accounting tasks of the last requests may still be queueing traces.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        self.state.inner.monitor.flush().await;
+        // The last requests' accounting tasks may still be queueing their traces.
+        self.state.settle(SETTLE_TIMEOUT).await;
         self.state.inner.store.close().await;
         Ok(())
     }

@@ -236,9 +236,8 @@ monitor:
         assert!(r.status().is_server_error(), "{}", r.status());
 
         let monitor = gateway.state().monitor().clone();
-        // Accounting runs in tasks after each reply: let the last ones queue their traces.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        monitor.flush().await;
+        // Accounting runs in tasks after each reply: wait for the last ones.
+        gateway.state().settle(Duration::from_secs(30)).await;
 
         // Drift: long essays against short questions.
         let report = monitor.check_drift().await.expect("the window is full");
