@@ -643,7 +643,7 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
         });
     let signals = inner.monitor.is_enabled().then(|| {
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
-        RequestSignals::of(valid.endpoint, &valid.body, traceparent)
+        RequestSignals::of(valid.endpoint, &valid.body, bytes.clone(), traceparent)
     });
     let ctx = RequestContext {
         state: state.clone(),

@@ -39,7 +39,7 @@ mod metrics;
 mod signals;
 
 use metrics::MonitorMetrics;
-pub use signals::{ReplySignals, RequestSignals, StreamSignals};
+pub use signals::{ReplySignals, RequestSignals, RequestTexts, StreamSignals};
 
 /// Everything the gateway's monitoring keeps. Shared by every request (behind the state's `Arc`).
 pub struct Monitor {
@@ -199,7 +199,7 @@ impl Monitor {
         let Finished {
             mut record,
             content,
-            mut request,
+            request,
             mut reply,
             cache_lookup,
             guard_blocked,
@@ -221,9 +221,11 @@ impl Monitor {
                 record.mean_logprob = Some(c.mean_logprob);
                 record.mean_entropy = c.mean_entropy;
             }
-            let grounding = match (&request, &reply.text) {
+            // The request's texts, parsed here rather than on the request path.
+            let texts = request.as_ref().map(RequestSignals::texts);
+            let grounding = match (&texts, &reply.text) {
                 (
-                    Some(RequestSignals {
+                    Some(RequestTexts {
                         context: Some(ctx), ..
                     }),
                     Some(text),
@@ -242,12 +244,12 @@ impl Monitor {
                 record.hallucination = Some(a.flagged);
                 self.metrics.assessed(&record.model, a);
             }
-            if let (Some(drift), Some(req)) = (&self.drift, &mut request) {
+            if let (Some(drift), Some(texts)) = (&self.drift, texts) {
                 // Lengths in the reference's unit: words, or tokens for a trace export.
                 let tokens = drift.token_lengths;
                 // The texts are not needed after this: moved, not copied.
                 let sample = Sample {
-                    prompt: Some(std::mem::take(&mut req.prompt)),
+                    prompt: Some(texts.prompt),
                     completion: reply.text.take(),
                     prompt_tokens: tokens.then_some(record.prompt_tokens),
                     completion_tokens: tokens.then_some(record.completion_tokens),

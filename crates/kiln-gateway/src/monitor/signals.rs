@@ -1,25 +1,26 @@
-//! What monitoring reads of a request and of its reply, taken from what the gateway already
-//! parsed: the prompt's text, retrieved context, sampling parameters and trace context on the
-//! way in; the reply's text, confidence, finish reasons and timings on the way out (from a whole
-//! reply, or event by event from a stream).
+//! What monitoring reads of a request and of its reply. On the way in, only the sampling
+//! parameters and the trace context are read on the request path; the body is kept (a
+//! reference-counted buffer, not a copy) and its texts — the prompt, any retrieved context — are
+//! read at accounting. On the way out: the reply's text, confidence, finish reasons and timings
+//! (from a whole reply, or event by event from a stream).
 
 use std::time::Duration;
+
+use axum::body::Bytes;
 
 use kiln_monitor::confidence::{Confidence, StreamConfidence};
 use serde_json::Value;
 
 use crate::validate::Endpoint;
 
-/// What a request brought that monitoring uses, taken on the request path from what was already
-/// parsed.
-#[derive(Debug, Default)]
+/// What a request brought that monitoring uses.
+#[derive(Debug)]
 pub struct RequestSignals {
     /// `chat` or `text_completion`.
     pub operation: &'static str,
-    /// The user's text (chat: the user messages; completions: the prompt).
-    pub prompt: String,
-    /// Retrieved context found in the messages, for the grounding check.
-    pub context: Option<String>,
+    endpoint: Endpoint,
+    /// The body as forwarded upstream (after the guardrails' rewrites).
+    body: Bytes,
     pub max_tokens: Option<u64>,
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -45,14 +46,48 @@ pub struct ReplySignals {
 }
 
 impl RequestSignals {
-    /// Reads the signals of a validated request body.
-    pub fn of(endpoint: Endpoint, body: &Value, traceparent: Option<&str>) -> Self {
+    /// Reads the signals of a validated request: `body` is its parsed JSON, `bytes` the same
+    /// body as forwarded, kept for [`RequestSignals::texts`].
+    pub fn of(endpoint: Endpoint, body: &Value, bytes: Bytes, traceparent: Option<&str>) -> Self {
         let operation = match endpoint {
             Endpoint::Chat => "chat",
             Endpoint::Completion => "text_completion",
         };
-        let prompt = match endpoint {
-            Endpoint::Chat => user_text(body),
+        let number = |key: &str| body.get(key).and_then(Value::as_f64);
+        let count = |key: &str| body.get(key).and_then(Value::as_u64);
+        Self {
+            operation,
+            endpoint,
+            body: bytes,
+            max_tokens: count("max_completion_tokens").or_else(|| count("max_tokens")),
+            temperature: number("temperature"),
+            top_p: number("top_p"),
+            seed: body.get("seed").and_then(Value::as_i64),
+            n: count("n"),
+            parent: traceparent
+                .and_then(kiln_monitor::otlp::parse_traceparent)
+                .map(|(trace, span, _)| (trace, span)),
+        }
+    }
+}
+
+/// The texts of a request, read at accounting.
+#[derive(Debug, Default)]
+pub struct RequestTexts {
+    /// The user's text (chat: the user messages; completions: the prompt).
+    pub prompt: String,
+    /// Retrieved context found in the messages, for the grounding check.
+    pub context: Option<String>,
+}
+
+impl RequestSignals {
+    /// Parses the kept body again (off the request path) for the prompt and any context.
+    pub fn texts(&self) -> RequestTexts {
+        let Ok(body) = serde_json::from_slice::<Value>(&self.body) else {
+            return RequestTexts::default();
+        };
+        let prompt = match self.endpoint {
+            Endpoint::Chat => user_text(&body),
             Endpoint::Completion => match body.get("prompt") {
                 Some(Value::String(s)) => s.clone(),
                 Some(Value::Array(items)) => items
@@ -63,20 +98,9 @@ impl RequestSignals {
                 _ => String::new(),
             },
         };
-        let number = |key: &str| body.get(key).and_then(Value::as_f64);
-        let count = |key: &str| body.get(key).and_then(Value::as_u64);
-        Self {
-            operation,
+        RequestTexts {
             prompt,
-            context: kiln_monitor::grounding::context_of(body),
-            max_tokens: count("max_completion_tokens").or_else(|| count("max_tokens")),
-            temperature: number("temperature"),
-            top_p: number("top_p"),
-            seed: body.get("seed").and_then(Value::as_i64),
-            n: count("n"),
-            parent: traceparent
-                .and_then(kiln_monitor::otlp::parse_traceparent)
-                .map(|(trace, span, _)| (trace, span)),
+            context: kiln_monitor::grounding::context_of(&body),
         }
     }
 }
