@@ -573,6 +573,7 @@ mod engine_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::sync::Arc;
+    use std::sync::atomic::Ordering;
     use std::time::{Duration, Instant};
 
     use kiln_model::{
@@ -732,7 +733,11 @@ mod engine_tests {
         drop(running);
         drop(queued);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while handle.stats().running + handle.stats().waiting > 0 {
+        // The stats snapshot can read 0 before the scheduler has even received the queued
+        // sequences; the submission counter is what a new request is checked against.
+        while handle.stats().running + handle.stats().waiting > 0
+            || handle.shared.waiting.load(Ordering::SeqCst) > 0
+        {
             assert!(
                 Instant::now() < deadline,
                 "still busy: {:?}",
