@@ -67,6 +67,12 @@ pub struct ServeArgs {
     /// Require `Authorization: Bearer K` on the API (/health and /metrics stay open).
     #[arg(long, value_name = "K", env = "KILN_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
+
+    /// Enable the admin API behind `Authorization: Bearer K`: POST /admin/adapters
+    /// {"name", "path"} loads an adapter under a name (replacing what it served, requests in
+    /// flight finishing on the old weights); GET /admin/adapters lists them. Off without it.
+    #[arg(long, value_name = "K", env = "KILN_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -85,6 +91,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         max_model_len: args.max_model_len,
         api_key: args.api_key,
+        admin_key: args.admin_key,
         ..ServeOptions::new(args.model)
     };
     let state = server::load(&options).context("starting kiln serve")?;

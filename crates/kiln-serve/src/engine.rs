@@ -5,6 +5,12 @@
 //! The HTTP side talks to it through an [`EngineHandle`]: [`EngineHandle::submit`] queues
 //! sequences and hands back one event stream per sequence. Dropping a stream aborts its sequence:
 //! the engine frees its slot and KV blocks at the next step.
+//!
+//! Adapters live in numbered slots. [`EngineHandle::add_adapter`] loads one into a new slot and
+//! [`EngineHandle::retire_adapter`] marks an old slot as replaced: sequences already on it finish
+//! there, a sequence that arrives for it afterwards runs on its replacement, and its weights are
+//! dropped once its last sequence is done. Slot numbers are never reused, so the prefix cache
+//! (salted by slot) never hands one adapter's keys and values to another.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,7 +60,9 @@ impl Default for EngineConfig {
 #[derive(Debug, Clone)]
 pub struct SeqRequest {
     pub prompt_ids: Vec<u32>,
-    /// Index into the adapters the engine was started with; `None` is the base model.
+    /// The adapter slot: an index into the adapters the engine was started with, or a slot
+    /// [`EngineHandle::add_adapter`] returned; `None` is the base model. A retired slot is
+    /// followed to its replacement.
     pub adapter: Option<usize>,
     /// New tokens at most (at least 1).
     pub max_tokens: usize,
@@ -127,6 +135,8 @@ pub struct EngineStats {
     pub waiting: usize,
     pub kv_blocks_used: usize,
     pub kv_blocks_total: usize,
+    /// Adapters whose weights the engine holds, retired ones still finishing included.
+    pub adapters_loaded: usize,
 }
 
 /// A submitted sequence on its way to the engine thread.
@@ -138,6 +148,17 @@ pub(crate) struct Submitted {
 
 pub(crate) enum Command {
     Submit(Vec<Submitted>),
+    /// Loads an adapter model into a new slot and answers with the slot.
+    AddAdapter {
+        model: Box<kiln_model::CausalLm>,
+        reply: tokio::sync::oneshot::Sender<usize>,
+    },
+    /// `slot` serves no new sequences (they go to `replaced_by`); its weights go once its last
+    /// sequence is done.
+    RetireAdapter {
+        slot: usize,
+        replaced_by: usize,
+    },
     Shutdown,
 }
 
@@ -241,6 +262,33 @@ impl EngineHandle {
             ));
         }
         Ok(())
+    }
+
+    /// Hands `model` (the base model with an adapter attached, sharing the base weights) to the
+    /// engine and returns its new slot, for [`SeqRequest::adapter`]. Slots are never reused.
+    pub async fn add_adapter(&self, model: kiln_model::CausalLm) -> Result<usize, SubmitError> {
+        let (reply, slot) = tokio::sync::oneshot::channel();
+        self.commands
+            .send(Command::AddAdapter {
+                model: Box::new(model),
+                reply,
+            })
+            .map_err(|_| SubmitError::Stopped)?;
+        slot.await.map_err(|_| SubmitError::Stopped)
+    }
+
+    /// Retires adapter `slot` in favour of `replaced_by` (a slot added after it): sequences
+    /// already submitted for `slot` finish on it, sequences that reach the engine afterwards run
+    /// on `replaced_by`, and `slot`'s weights are dropped once its last sequence is done.
+    pub fn retire_adapter(&self, slot: usize, replaced_by: usize) -> Result<(), SubmitError> {
+        if replaced_by <= slot {
+            return Err(SubmitError::Invalid(format!(
+                "adapter slot {slot} can only be replaced by a slot added after it, not {replaced_by}"
+            )));
+        }
+        self.commands
+            .send(Command::RetireAdapter { slot, replaced_by })
+            .map_err(|_| SubmitError::Stopped)
     }
 
     /// Stops the engine thread once the requests it holds are done: call after the HTTP server

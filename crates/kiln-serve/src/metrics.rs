@@ -25,6 +25,8 @@ pub struct ServeMetrics {
     pub num_preemptions: IntCounter,
     /// Requests refused because the queue was full.
     pub requests_rejected: IntCounter,
+    /// Adapters given new weights in place through `POST /admin/adapters`.
+    pub adapter_swaps: IntCounter,
     pub time_to_first_token: Histogram,
     pub inter_token_latency: Histogram,
     pub e2e_request_latency: Histogram,
@@ -108,6 +110,10 @@ impl ServeMetrics {
             requests_rejected: register!(counter(
                 "kiln:requests_rejected_total",
                 "Requests refused with 429 because the queue was full."
+            )),
+            adapter_swaps: register!(counter(
+                "kiln:adapter_swaps_total",
+                "Adapters replaced without a restart (POST /admin/adapters on a served name)."
             )),
             time_to_first_token: register!(histogram(
                 "kiln:time_to_first_token_seconds",

@@ -5,8 +5,8 @@
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
-use crate::api::handlers;
 use crate::api::types;
+use crate::api::{admin, handlers};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -23,6 +23,8 @@ use crate::api::types;
         handlers::health,
         handlers::metrics,
         handlers::openapi_json,
+        admin::load_adapter,
+        admin::list_adapters,
     ),
     components(schemas(
         types::ChatCompletionRequest,
@@ -37,17 +39,23 @@ use crate::api::types;
         types::DetokenizeRequest,
         types::DetokenizeResponse,
         types::ErrorResponse,
+        types::AdapterLoadRequest,
+        types::AdapterLoadResponse,
+        types::AdapterList,
+        types::AdapterInfo,
     )),
     modifiers(&BearerAuth),
     tags(
         (name = "openai", description = "OpenAI's API"),
         (name = "vllm", description = "vLLM's additions"),
         (name = "ops", description = "Health, metrics and this document"),
+        (name = "admin", description = "Swapping adapters without a restart (needs --admin-key)"),
     )
 )]
 struct ApiDoc;
 
-/// `Authorization: Bearer <key>`, required when the server runs with `--api-key`.
+/// `Authorization: Bearer <key>`: the `--api-key` for the API (`bearer`), the `--admin-key` for
+/// `/admin/*` (`admin`).
 struct BearerAuth;
 
 impl Modify for BearerAuth {
@@ -56,6 +64,15 @@ impl Modify for BearerAuth {
         components.add_security_scheme(
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        components.add_security_scheme(
+            "admin",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("The server's --admin-key"))
+                    .build(),
+            ),
         );
     }
 }

@@ -9,6 +9,10 @@
 //! front of the queue to be recomputed later (vLLM's recompute preemption). A sequence whose
 //! event stream has been dropped (the client went away, or found its stop string) is removed at
 //! the start of the next step.
+//!
+//! Adapters sit in slots that are never reused. Retiring a slot (a hot swap) lets its sequences
+//! finish on it, sends later arrivals to its replacement, and drops its weights when its last
+//! sequence leaves.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -27,7 +31,8 @@ use crate::metrics::ServeMetrics;
 
 /// Starts the engine thread over `model` (the base, with no adapter attached) and `adapters`
 /// (the base with each LoRA adapter attached, sharing the base weights); `SeqRequest::adapter`
-/// indexes `adapters`.
+/// indexes `adapters`, which take slots `0..adapters.len()` (more are added with
+/// [`EngineHandle::add_adapter`]).
 pub fn start_engine(
     model: CausalLm,
     adapters: Vec<CausalLm>,
@@ -58,6 +63,7 @@ pub fn start_engine(
         metrics,
         stats: std::sync::Mutex::new(EngineStats {
             kv_blocks_total: config.num_blocks,
+            adapters_loaded: adapters.len(),
             ..EngineStats::default()
         }),
         waiting: Default::default(),
@@ -68,7 +74,9 @@ pub fn start_engine(
         blocks: BlockManager::new(config.num_blocks, config.block_size),
         cache,
         model,
-        adapters,
+        adapters: adapters.into_iter().map(Some).collect(),
+        replaced_by: HashMap::new(),
+        retiring: Vec::new(),
         shared: shared.clone(),
         waiting: VecDeque::new(),
         running: Vec::new(),
@@ -118,7 +126,12 @@ impl Seq {
 
 struct Engine {
     model: CausalLm,
-    adapters: Vec<CausalLm>,
+    /// Adapter slots; `None` once a retired adapter's last sequence is done.
+    adapters: Vec<Option<CausalLm>>,
+    /// Retired slot → the slot that replaced it.
+    replaced_by: HashMap<usize, usize>,
+    /// Retired slots whose weights are still held for the sequences on them.
+    retiring: Vec<usize>,
     cache: PagedKvCache,
     blocks: BlockManager,
     shared: Arc<Shared>,
@@ -153,6 +166,7 @@ impl Engine {
             }
             self.drop_abandoned();
             self.step();
+            self.free_retired();
             self.publish_stats();
         }
     }
@@ -166,16 +180,83 @@ impl Engine {
                 }
                 false
             }
+            Command::AddAdapter { model, reply } => {
+                self.adapters.push(Some(*model));
+                // The caller may have gone away; the slot stays valid either way.
+                let _ = reply.send(self.adapters.len() - 1);
+                false
+            }
+            Command::RetireAdapter { slot, replaced_by } => {
+                self.retire(slot, replaced_by);
+                false
+            }
             Command::Shutdown => true,
+        }
+    }
+
+    fn retire(&mut self, slot: usize, replaced_by: usize) {
+        let known = |s: usize| s < self.adapters.len();
+        if !known(slot) || !known(replaced_by) || replaced_by <= slot {
+            eprintln!(
+                "kiln serve: ignoring the retirement of adapter slot {slot} for {replaced_by}: not a later slot"
+            );
+            return;
+        }
+        self.replaced_by.insert(slot, replaced_by);
+        if self.adapters[slot].is_some() && !self.retiring.contains(&slot) {
+            self.retiring.push(slot);
+        }
+        self.free_retired();
+    }
+
+    /// The slot a sequence asking for `slot` runs on: `slot`, or the last of its replacements.
+    /// Replacements are always later slots, so the walk ends.
+    fn current_slot(&self, mut slot: usize) -> usize {
+        while let Some(&next) = self.replaced_by.get(&slot) {
+            slot = next;
+        }
+        slot
+    }
+
+    /// Drops the weights of retired adapters no sequence uses any more.
+    fn free_retired(&mut self) {
+        if self.retiring.is_empty() {
+            return;
+        }
+        let (running, waiting) = (&self.running, &self.waiting);
+        let in_use = |slot: usize| {
+            running
+                .iter()
+                .chain(waiting)
+                .any(|s| s.request.adapter == Some(slot))
+        };
+        let (kept, freed): (Vec<usize>, Vec<usize>) =
+            self.retiring.iter().partition(|&&slot| in_use(slot));
+        self.retiring = kept;
+        for slot in freed {
+            if let Some(adapter) = self.adapters.get_mut(slot) {
+                *adapter = None;
+            }
         }
     }
 
     fn enqueue(&mut self, s: Submitted) {
         let Submitted {
-            request,
+            mut request,
             events,
             arrived,
         } = s;
+        if let Some(slot) = request.adapter {
+            let slot = self.current_slot(slot);
+            if !matches!(self.adapters.get(slot), Some(Some(_))) {
+                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+                let _ = events.send(SeqEvent::Failed(format!(
+                    "no adapter is loaded in slot {slot}"
+                )));
+                return;
+            }
+            request.adapter = Some(slot);
+        }
         self.waiting.push_back(Seq {
             sampler: Sampler::new(request.sampling.clone()),
             tokens: request.prompt_ids.clone(),
@@ -353,12 +434,30 @@ impl Engine {
             })
             .collect();
         self.metrics().batch_size.observe(batch.len() as f64);
-        let adapters: Vec<&CausalLm> = self.adapters.iter().collect();
-        let result = self
-            .model
-            .forward_paged(&batch, &mut self.cache, &adapters)
-            .and_then(|l| l.to_vec2::<f32>());
-        drop(batch);
+        // The forward pass takes only the adapters this step uses, numbered in slot order.
+        let mut slots: Vec<usize> = batch.iter().filter_map(|p| p.adapter).collect();
+        slots.dedup();
+        let adapters: Vec<&CausalLm> = slots
+            .iter()
+            .filter_map(|&slot| self.adapters.get(slot).and_then(Option::as_ref))
+            .collect();
+        let result = if adapters.len() == slots.len() {
+            let batch: Vec<PagedSeq> = batch
+                .into_iter()
+                .map(|p| PagedSeq {
+                    adapter: p.adapter.and_then(|slot| slots.binary_search(&slot).ok()),
+                    ..p
+                })
+                .collect();
+            self.model
+                .forward_paged(&batch, &mut self.cache, &adapters)
+                .and_then(|l| l.to_vec2::<f32>())
+        } else {
+            // Unreachable: a slot is freed only once no sequence is on it.
+            Err(candle_core::Error::Msg(
+                "a sequence's adapter slot has been freed".into(),
+            ))
+        };
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
@@ -480,6 +579,7 @@ impl Engine {
             waiting: self.waiting.len(),
             kv_blocks_used: self.blocks.num_used(),
             kv_blocks_total: self.blocks.num_blocks(),
+            adapters_loaded: self.adapters.iter().flatten().count(),
         };
         let m = self.metrics();
         m.num_requests_running.set(stats.running as i64);
@@ -695,6 +795,95 @@ mod engine_tests {
             preemptions > 0,
             "the test meant to exercise preemption: {m}"
         );
+    }
+
+    /// The fixture with its LoRA adapter attached, the adapter's B matrices scaled by `scale`.
+    fn with_adapter(base: &CausalLm, scale: f64) -> CausalLm {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/hf/llama-lora");
+        let mut adapter = kiln_model::LoraAdapter::load(
+            std::path::Path::new(dir),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for (_, b) in adapter.modules.values_mut() {
+            *b = (&*b * scale).unwrap();
+        }
+        let mut model = base.clone();
+        adapter.apply(&mut model).unwrap();
+        model
+    }
+
+    fn wait_for(handle: &EngineHandle, what: &str, done: impl Fn(&EngineHandle) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done(handle) {
+            assert!(Instant::now() < deadline, "{what}: {:?}", handle.stats());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn a_retired_adapter_finishes_its_sequences_and_later_ones_go_to_its_replacement() {
+        let loaded = fixture();
+        let old = with_adapter(&loaded.model, 1.0);
+        let new = with_adapter(&loaded.model, 8.0);
+        let handle = start_engine(
+            loaded.model.clone(),
+            vec![old.clone()],
+            EngineConfig::default(),
+            Arc::new(ServeMetrics::new("test")),
+        )
+        .unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut on_old = request(prompt(3, 12), 40, SamplingParams::greedy());
+        on_old.stop_token_ids.clear();
+        on_old.adapter = Some(0);
+        let expected_old = alone(&old, &on_old);
+        let expected_new = alone(&new, &on_old);
+        assert_ne!(expected_old, expected_new, "the two adapters must differ");
+
+        // Running on slot 0 before the swap.
+        let mut running = handle.submit(vec![on_old.clone()]).unwrap().remove(0);
+        let first = match running.blocking_recv() {
+            Some(SeqEvent::Token(t)) => t.id,
+            other => panic!("expected a token, got {other:?}"),
+        };
+        let slot = runtime.block_on(handle.add_adapter(new.clone())).unwrap();
+        assert_eq!(slot, 1, "slots are numbered on from the startup adapters");
+        assert!(
+            handle.retire_adapter(1, 0).is_err(),
+            "only a later slot replaces"
+        );
+        handle.retire_adapter(0, slot).unwrap();
+        // Resolved to slot 0 before the swap, submitted after it: runs on the replacement.
+        let late = handle.submit(vec![on_old.clone()]).unwrap().remove(0);
+
+        let (rest, _) = collect(running);
+        let mut ids = vec![first];
+        ids.extend(rest);
+        assert_eq!(
+            ids, expected_old,
+            "a sequence running at the swap keeps its weights"
+        );
+        assert_eq!(collect(late).0, expected_new);
+        // Slot 0's last sequence is done: its weights go.
+        wait_for(&handle, "the retired adapter is dropped", |h| {
+            h.stats().adapters_loaded == 1
+        });
+        // A freed slot still redirects, and the prefix cache (salted by slot) serves the
+        // replacement nothing of the old adapter's.
+        let (ids, _) = collect(handle.submit(vec![on_old.clone()]).unwrap().remove(0));
+        assert_eq!(ids, expected_new);
+        // A slot never loaded fails its sequence alone.
+        let mut unknown = on_old.clone();
+        unknown.adapter = Some(7);
+        let mut stream = handle.submit(vec![unknown]).unwrap().remove(0);
+        assert!(matches!(stream.blocking_recv(), Some(SeqEvent::Failed(_))));
+        wait_for(&handle, "the queue is empty", |h| {
+            h.shared.waiting.load(Ordering::SeqCst) == 0
+        });
     }
 
     #[test]

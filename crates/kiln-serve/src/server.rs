@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use axum::serve::ListenerExt;
 use candle_core::{DType, Device};
-use kiln_model::{LoadOptions, LoadedModel, LoraAdapter};
+use kiln_model::{CausalLm, LoadOptions, LoadedModel, LoraAdapter};
 use tokio::sync::oneshot;
 
 use crate::api::{self, ApiConfig, AppState};
@@ -61,6 +61,9 @@ pub struct ServeOptions {
     /// The longest sequence served; default (and at most): the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
     pub api_key: Option<String>,
+    /// Enables the admin API (`/admin/adapters`: swap adapters without a restart) behind
+    /// `Authorization: Bearer <key>`; without it the admin routes answer 404.
+    pub admin_key: Option<String>,
     pub max_body_bytes: usize,
 }
 
@@ -74,6 +77,7 @@ impl ServeOptions {
             engine: EngineConfig::default(),
             max_model_len: None,
             api_key: None,
+            admin_key: None,
             max_body_bytes: api::DEFAULT_MAX_BODY_BYTES,
         }
     }
@@ -117,6 +121,24 @@ pub fn default_model_name(spec: &str) -> String {
         }
     }
     spec.to_string()
+}
+
+/// Reads the PEFT adapter in `dir` and attaches it to a copy of `base` (sharing the base
+/// weights), as `load` does for each `--adapter` and `POST /admin/adapters` for each swap.
+/// Refuses adapters with `modules_to_save`, which replace base weights. Blocking; the error
+/// says why the adapter cannot be served.
+pub fn attach_adapter(base: &CausalLm, dir: &Path) -> Result<CausalLm, String> {
+    let adapter = LoraAdapter::load(dir, DType::F32, &Device::Cpu).map_err(|e| e.to_string())?;
+    if !adapter.saved_modules.is_empty() {
+        let names: Vec<&str> = adapter.saved_modules.keys().map(String::as_str).collect();
+        return Err(format!(
+            "it replaces whole base weights (modules_to_save: {}), which cannot be switched per request; merge it with `kiln merge` and serve the result as its own model",
+            names.join(", ")
+        ));
+    }
+    let mut model = base.clone();
+    adapter.apply(&mut model).map_err(|e| e.to_string())?;
+    Ok(model)
 }
 
 /// Loads the model and its adapters (each the base with the adapter attached beside the shared
@@ -164,20 +186,7 @@ pub fn load(options: &ServeOptions) -> Result<AppState, ServeError> {
                 "the name is already taken (by the base model or another adapter)".into(),
             ));
         }
-        let adapter = LoraAdapter::load(&spec.dir, DType::F32, &Device::Cpu)
-            .map_err(|e| adapter_error(e.to_string()))?;
-        if !adapter.saved_modules.is_empty() {
-            let names: Vec<&str> = adapter.saved_modules.keys().map(String::as_str).collect();
-            return Err(adapter_error(format!(
-                "it replaces whole base weights (modules_to_save: {}), which cannot be switched per request; merge it with `kiln merge` and serve the result as its own model",
-                names.join(", ")
-            )));
-        }
-        let mut model = loaded.model.clone();
-        adapter
-            .apply(&mut model)
-            .map_err(|e| adapter_error(e.to_string()))?;
-        adapters.push(model);
+        adapters.push(attach_adapter(&loaded.model, &spec.dir).map_err(adapter_error)?);
         adapter_names.push(spec.name.clone());
     }
 
@@ -188,13 +197,16 @@ pub fn load(options: &ServeOptions) -> Result<AppState, ServeError> {
         ..options.engine.clone()
     };
     let metrics = Arc::new(ServeMetrics::new(&model_name));
+    let base_model = loaded.model.clone();
     let engine =
         start_engine(loaded.model, adapters, engine_config, metrics).map_err(ServeError::Engine)?;
     Ok(AppState::new(ApiConfig {
         engine,
         tokenizer: loaded.tokenizer,
         model_name,
-        adapter_names,
+        adapters: options.adapters.clone(),
+        base_model,
+        admin_key: options.admin_key.clone(),
         eos_token_ids,
         vocab_size,
         api_key: options.api_key.clone(),

@@ -37,11 +37,23 @@ fn spec_documents_every_route() {
         "/health",
         "/metrics",
         "/openapi.json",
+        "/admin/adapters",
     ] {
         assert!(paths.contains(&route), "{route} missing from {paths:?}");
     }
     assert_eq!(
         spec["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
+    let admin = &spec["paths"]["/admin/adapters"];
+    for method in ["get", "post"] {
+        assert_eq!(
+            admin[method]["security"],
+            serde_json::json!([{"admin": []}])
+        );
+    }
+    assert_eq!(
+        spec["components"]["securitySchemes"]["admin"]["scheme"],
         "bearer"
     );
 }

@@ -30,6 +30,20 @@ pub enum ApiError {
     Unauthorized,
     #[error("The server is at capacity ({waiting} requests waiting); retry later.")]
     QueueFull { waiting: usize },
+    #[error(
+        "The admin API is off: start kiln serve with --admin-key K (or KILN_ADMIN_KEY) to manage adapters without a restart."
+    )]
+    AdminDisabled,
+    #[error(
+        "Incorrect admin key provided. Send it as `Authorization: Bearer <key>` (the server's --admin-key; the --api-key does not grant admin access)."
+    )]
+    AdminUnauthorized,
+    /// An adapter the admin API cannot load; `param` is the request field at fault.
+    #[error("{message}")]
+    InvalidAdapter {
+        param: &'static str,
+        message: String,
+    },
     #[error("The request body is larger than the server's limit.")]
     BodyTooLarge,
     #[error("Cannot read the request body: {0}")]
@@ -51,11 +65,15 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadJson { .. } | Self::Invalid(_) | Self::Body(_) | Self::EngineRefused(_) => {
-                StatusCode::BAD_REQUEST
+            Self::BadJson { .. }
+            | Self::Invalid(_)
+            | Self::Body(_)
+            | Self::EngineRefused(_)
+            | Self::InvalidAdapter { .. } => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound(_) | Self::NotFound { .. } | Self::AdminDisabled => {
+                StatusCode::NOT_FOUND
             }
-            Self::ModelNotFound(_) | Self::NotFound { .. } => StatusCode::NOT_FOUND,
-            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::Unauthorized | Self::AdminUnauthorized => StatusCode::UNAUTHORIZED,
             Self::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
@@ -74,7 +92,13 @@ impl ApiError {
                 Some("model_not_found"),
                 Some("model".into()),
             ),
-            Self::Unauthorized => ("invalid_request_error", Some("invalid_api_key"), None),
+            Self::Unauthorized | Self::AdminUnauthorized => {
+                ("invalid_request_error", Some("invalid_api_key"), None)
+            }
+            Self::InvalidAdapter { param, .. } => {
+                ("invalid_request_error", None, Some((*param).to_string()))
+            }
+            Self::AdminDisabled => ("invalid_request_error", None, None),
             Self::QueueFull { .. } => ("rate_limit_exceeded", Some("rate_limit_exceeded"), None),
             Self::BodyTooLarge | Self::Body(_) | Self::NotFound { .. } => {
                 ("invalid_request_error", None, None)

@@ -5,9 +5,11 @@
 //! place ([`error`]): the JSON body ([`types`], parsed so a wrong type names its field), the
 //! validated request ([`validate::ValidRequest`]: ranges checked, prompt tokenized, token budget
 //! settled), and the engine's event streams turned into a response or a server-sent event
-//! stream ([`generation`]). Handlers hold no mutable state: the engine owns everything that
-//! changes.
+//! stream ([`generation`]). Handlers hold no mutable state but one: which adapter slot each
+//! adapter name points to, changed only by the admin API ([`admin`]) one swap at a time. The
+//! engine owns everything else that changes.
 
+pub mod admin;
 pub mod choice;
 pub mod error;
 pub mod generation;
@@ -16,7 +18,7 @@ pub mod token_text;
 pub mod types;
 pub mod validate;
 
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -25,8 +27,10 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use kiln_core::Tokenizer;
+use kiln_model::CausalLm;
 
 use crate::engine::EngineHandle;
+use crate::server::AdapterSpec;
 pub use error::ApiError;
 use token_text::TokenSpelling;
 use validate::{Limits, MAX_CHOICES};
@@ -41,8 +45,14 @@ pub struct ApiConfig {
     pub tokenizer: Tokenizer,
     /// The name requests use for the base model.
     pub model_name: String,
-    /// The names of the adapters, in the engine's adapter order (`SeqRequest::adapter`).
-    pub adapter_names: Vec<String>,
+    /// The adapters the engine was started with, in its slot order (`SeqRequest::adapter`).
+    pub adapters: Vec<AdapterSpec>,
+    /// The base model (weights shared, no adapter attached), which adapters loaded through the
+    /// admin API attach to.
+    pub base_model: CausalLm,
+    /// When set, `/admin/*` is served behind `Authorization: Bearer <key>`; otherwise it
+    /// answers 404.
+    pub admin_key: Option<String>,
     /// Tokens that end generation (unless a request sets `ignore_eos`).
     pub eos_token_ids: Vec<u32>,
     /// The model's vocabulary size (prompt token ids must be below it).
@@ -62,6 +72,10 @@ pub struct AppState {
 #[derive(Debug)]
 struct Inner {
     config: ApiConfig,
+    /// What each adapter name serves now, in listing order.
+    adapters: RwLock<Vec<ServedAdapter>>,
+    /// Held through a whole swap, so swaps never interleave.
+    swap_lock: tokio::sync::Mutex<()>,
     spelling: TokenSpelling,
     /// Server start, Unix seconds (the models' `created`).
     created: u64,
@@ -70,12 +84,24 @@ struct Inner {
 impl AppState {
     pub fn new(config: ApiConfig) -> Self {
         let spelling = TokenSpelling::detect(&config.tokenizer);
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
+        let created = unix_now();
+        let adapters = config
+            .adapters
+            .iter()
+            .enumerate()
+            .map(|(slot, spec)| ServedAdapter {
+                name: spec.name.clone(),
+                path: spec.dir.to_string_lossy().into_owned(),
+                slot,
+                loaded_at: created,
+                swaps: 0,
+            })
+            .collect();
         Self {
             inner: Arc::new(Inner {
                 config,
+                adapters: RwLock::new(adapters),
+                swap_lock: tokio::sync::Mutex::new(()),
                 spelling,
                 created,
             }),
@@ -94,8 +120,18 @@ impl AppState {
         &self.inner.config.model_name
     }
 
-    pub fn adapter_names(&self) -> &[String] {
-        &self.inner.config.adapter_names
+    /// The adapters' names as served now (hot swaps included), in listing order.
+    pub fn adapter_names(&self) -> Vec<String> {
+        self.served_adapters().into_iter().map(|a| a.name).collect()
+    }
+
+    /// A snapshot of the adapters served now.
+    pub(crate) fn served_adapters(&self) -> Vec<ServedAdapter> {
+        self.inner
+            .adapters
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn eos_token_ids(&self) -> &[u32] {
@@ -128,30 +164,59 @@ impl AppState {
     }
 
     /// The model a request names: the base (by its served name, or when absent) or an adapter.
-    /// Returns the name to echo back and the adapter index.
+    /// Returns the name to echo back and the adapter slot (`SeqRequest::adapter`) the name
+    /// serves now.
     pub fn resolve_model(&self, name: Option<&str>) -> Result<(String, Option<usize>), ApiError> {
         match name {
             None => Ok((self.model_name().to_string(), None)),
             Some(n) if n == self.model_name() => Ok((n.to_string(), None)),
             Some(n) => self
-                .adapter_names()
+                .inner
+                .adapters
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
                 .iter()
-                .position(|a| a == n)
-                .map(|i| (n.to_string(), Some(i)))
+                .find(|a| a.name == n)
+                .map(|a| (n.to_string(), Some(a.slot)))
                 .ok_or_else(|| ApiError::ModelNotFound(n.to_string())),
         }
     }
 
     fn authorized(&self, headers: &HeaderMap) -> bool {
-        let Some(key) = &self.inner.config.api_key else {
-            return true;
-        };
-        headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
+        match &self.inner.config.api_key {
+            None => true,
+            Some(key) => bearer_matches(headers, key),
+        }
     }
+}
+
+/// An adapter name and what it serves now.
+#[derive(Debug, Clone)]
+pub(crate) struct ServedAdapter {
+    pub name: String,
+    /// The directory, as given at startup or to the admin API.
+    pub path: String,
+    /// The engine slot holding its weights.
+    pub slot: usize,
+    /// When its weights were loaded, Unix seconds.
+    pub loaded_at: u64,
+    /// How many times the name has been given new weights.
+    pub swaps: u64,
+}
+
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `headers` carry `Authorization: Bearer <key>`.
+fn bearer_matches(headers: &HeaderMap, key: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), key.as_bytes()))
 }
 
 /// Compares without stopping at the first difference, so response times do not leak the key.
@@ -167,7 +232,20 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
     }
 }
 
+async fn require_admin_key(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    match &state.inner.config.admin_key {
+        None => ApiError::AdminDisabled.into_response(),
+        Some(key) if bearer_matches(request.headers(), key) => next.run(request).await,
+        Some(_) => ApiError::AdminUnauthorized.into_response(),
+    }
+}
+
 /// The whole API. `/health`, `/metrics` and `/openapi.json` stay open when an API key is set;
+/// `/admin/*` needs the admin key (not the API key) and answers 404 without one configured;
 /// unknown paths and methods get the error envelope (404, 405).
 pub fn router(state: AppState) -> Router {
     let protected = Router::new()
@@ -180,9 +258,19 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             require_api_key,
         ));
+    let admin_routes = Router::new()
+        .route(
+            "/admin/adapters",
+            get(admin::list_adapters).post(admin::load_adapter),
+        )
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_admin_key,
+        ));
     let max_body = state.inner.config.max_body_bytes;
     Router::new()
         .merge(protected)
+        .merge(admin_routes)
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .route("/openapi.json", get(handlers::openapi_json))

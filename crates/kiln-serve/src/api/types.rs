@@ -492,3 +492,48 @@ pub struct ErrorBody {
     /// `rate_limit_exceeded`, `context_length_exceeded`.
     pub code: Option<String>,
 }
+
+/// `POST /admin/adapters`: serve the PEFT adapter in `path` as model `name`, replacing the
+/// adapter of that name if there is one.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdapterLoadRequest {
+    /// The model name requests use for the adapter.
+    pub name: String,
+    /// The PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`), absolute
+    /// or relative to the server's working directory.
+    pub path: String,
+}
+
+/// What `POST /admin/adapters` did.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdapterLoadResponse {
+    pub name: String,
+    /// The directory loaded, as given.
+    pub path: String,
+    /// The directory of the adapter replaced; `null` when the name is new.
+    pub previous_path: Option<String>,
+    /// Whether an adapter of this name was replaced (false: added).
+    pub replaced: bool,
+    /// Milliseconds spent reading the adapter and attaching it to the base model.
+    pub load_ms: u64,
+}
+
+/// `GET /admin/adapters`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdapterList {
+    pub object: ListObject,
+    pub data: Vec<AdapterInfo>,
+}
+
+/// An adapter being served.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct AdapterInfo {
+    pub name: String,
+    /// The directory it was loaded from, as given at startup (`--adapter`) or to
+    /// `POST /admin/adapters`.
+    pub path: String,
+    /// When its current weights were loaded, Unix seconds.
+    pub loaded_at: u64,
+    /// How many times the name has been given new weights since startup.
+    pub swaps: u64,
+}
