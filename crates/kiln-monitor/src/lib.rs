@@ -12,6 +12,8 @@
 //!   with AUROC for calibration.
 //! - [`cost`]: cost per token from prices and from what the instances cost per hour.
 //! - [`live`] and [`dashboard`]: rolling time series and the page that draws them.
+//! - [`feedback`] and [`registry`]: feedback on completions (thumbs, scores, corrections,
+//!   preferred choices) kept beside the traces, and the rounds of the feedback loop.
 //! - [`otlp`]: OpenTelemetry spans with `gen_ai.*` attributes, exported over OTLP/HTTP.
 
 pub mod confidence;
@@ -19,9 +21,11 @@ pub mod cost;
 pub mod dashboard;
 pub mod drift;
 pub mod features;
+pub mod feedback;
 pub mod grounding;
 pub mod hallucination;
 pub mod live;
 pub mod otlp;
+pub mod registry;
 pub mod stats;
 pub mod store;

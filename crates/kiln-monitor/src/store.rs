@@ -81,6 +81,8 @@ pub struct RequestRecord {
     pub grounding: Option<f64>,
     /// The hallucination flag, when the reply was assessed.
     pub hallucination: Option<bool>,
+    /// The reply's own `id` (`chatcmpl-…`, `cmpl-…`), what clients give feedback on.
+    pub completion_id: Option<String>,
 }
 
 impl Default for RequestRecord {
@@ -112,6 +114,7 @@ impl Default for RequestRecord {
             p_wrong: None,
             grounding: None,
             hallucination: None,
+            completion_id: None,
         }
     }
 }
@@ -129,6 +132,21 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("p_wrong", "REAL", "DOUBLE PRECISION"),
     ("grounding", "REAL", "DOUBLE PRECISION"),
     ("hallucination", "BOOLEAN", "BOOLEAN"),
+    ("completion_id", "TEXT", "TEXT"),
+];
+
+/// The columns the content table gained after its first release.
+const ADDED_CONTENT_COLUMNS: &[(&str, &str, &str)] = &[
+    ("completion_id", "TEXT", "TEXT"),
+    ("choices", "TEXT", "TEXT"),
+];
+
+/// Indexes on columns added by a migration: created after the columns exist.
+const ADDED_INDEXES: &[&str] = &[
+    "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_completion
+        ON kiln_gateway_requests (completion_id)",
+    "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_request
+        ON kiln_gateway_requests (request_id)",
 ];
 
 /// A request's content, kept only when `store.capture_content` is on and only after the PII
@@ -145,16 +163,21 @@ pub struct ContentRecord {
     pub prompt: String,
     /// The reply's text as the client received it, redacted; `None` when there was none.
     pub completion: Option<String>,
+    /// The reply's own `id`, as in the trace.
+    pub completion_id: Option<String>,
+    /// Every choice's text, redacted, when the request asked for several (`n` > 1); empty
+    /// otherwise (the one reply is `completion`).
+    pub choices: Vec<String>,
 }
 
 /// The request store: a SQLite file or a PostgreSQL database. Cheap to clone (a pool handle).
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: Pool,
+    pub(crate) pool: Pool,
 }
 
 #[derive(Debug, Clone)]
-enum Pool {
+pub(crate) enum Pool {
     Sqlite(SqlitePool),
     Postgres(PgPool),
 }
@@ -188,6 +211,9 @@ const SQLITE_SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_tenant_at
         ON kiln_gateway_requests (tenant, at_us)",
     CONTENT_SCHEMA,
+    crate::feedback::SQLITE_SCHEMA,
+    crate::feedback::SQLITE_INDEX,
+    crate::registry::SQLITE_SCHEMA,
 ];
 
 const POSTGRES_SCHEMA: &[&str] = &[
@@ -212,6 +238,9 @@ const POSTGRES_SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS kiln_gateway_requests_tenant_at
         ON kiln_gateway_requests (tenant, at_us)",
     CONTENT_SCHEMA_PG,
+    crate::feedback::POSTGRES_SCHEMA,
+    crate::feedback::SQLITE_INDEX,
+    crate::registry::POSTGRES_SCHEMA,
 ];
 
 /// Captured content (`store.capture_content`), already redacted; one row per request.
@@ -238,24 +267,61 @@ const CONTENT_SCHEMA_PG: &str = "CREATE TABLE IF NOT EXISTS kiln_gateway_content
 /// The table of captured content.
 pub const CONTENT_TABLE: &str = "kiln_gateway_content";
 
+/// The columns a [`ContentRow`] is read from, in its order.
+pub(crate) const CONTENT_COLUMNS: &str =
+    "request_id, at_us, tenant, model, no_train, prompt, completion, completion_id, choices";
+
+/// A row of `SELECT CONTENT_COLUMNS`.
+pub(crate) type ContentRow = (
+    String,
+    i64,
+    String,
+    String,
+    bool,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+/// A [`ContentRecord`] from its row; a `choices` column that is not a JSON list of strings
+/// reads as none.
+pub(crate) fn content_from_row(row: ContentRow) -> ContentRecord {
+    let (request_id, at_us, tenant, model, no_train, prompt, completion, completion_id, choices) =
+        row;
+    ContentRecord {
+        request_id,
+        at: from_unix_micros(at_us),
+        tenant,
+        model,
+        no_train,
+        prompt,
+        completion,
+        completion_id,
+        choices: choices
+            .and_then(|c| serde_json::from_str(&c).ok())
+            .unwrap_or_default(),
+    }
+}
+
 /// The head of a multi-row INSERT (the builder appends `VALUES (…), (…)`).
 const INSERT_INTO: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
     cost_usd, gateway_ms, upstream_ms, no_train, guard, operation, total_ms, queue_ms, ttft_ms, \
-    mean_logprob, mean_entropy, p_wrong, grounding, hallucination) ";
+    mean_logprob, mean_entropy, p_wrong, grounding, hallucination, completion_id) ";
 
 const SQLITE_INSERT: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
     cost_usd, gateway_ms, upstream_ms, no_train, guard, operation, total_ms, queue_ms, ttft_ms, \
-    mean_logprob, mean_entropy, p_wrong, grounding, hallucination) \
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
+    mean_logprob, mean_entropy, p_wrong, grounding, hallucination, completion_id) \
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)";
 
 const POSTGRES_INSERT: &str = "INSERT INTO kiln_gateway_requests (request_id, at_us, tenant, \
     key_id, model, upstream, status, stream, cache_hit, prompt_tokens, completion_tokens, \
     cost_usd, gateway_ms, upstream_ms, no_train, guard, operation, total_ms, queue_ms, ttft_ms, \
-    mean_logprob, mean_entropy, p_wrong, grounding, hallucination) \
+    mean_logprob, mean_entropy, p_wrong, grounding, hallucination, completion_id) \
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, \
-    $17, $18, $19, $20, $21, $22, $23, $24, $25)";
+    $17, $18, $19, $20, $21, $22, $23, $24, $25, $26)";
 
 const SQLITE_SPEND: &str =
     "SELECT TOTAL(cost_usd) FROM kiln_gateway_requests WHERE tenant = ? AND at_us >= ?";
@@ -295,6 +361,7 @@ macro_rules! record_values {
             .$bind(finite(r.p_wrong))
             .$bind(finite(r.grounding))
             .$bind(r.hallucination)
+            .$bind(r.completion_id.as_deref())
     }};
 }
 
@@ -302,7 +369,7 @@ macro_rules! record_values {
 const TRACE_COLUMNS: &str = "request_id, at_us, tenant, key_id, model, upstream, status, stream, \
     cache_hit, prompt_tokens, completion_tokens, cost_usd, gateway_ms, upstream_ms, no_train, \
     guard, operation, total_ms, queue_ms, ttft_ms, mean_logprob, mean_entropy, p_wrong, \
-    grounding, hallucination";
+    grounding, hallucination, completion_id";
 
 /// A [`RequestRecord`] from a row of `SELECT TRACE_COLUMNS`, as `Result<_, sqlx::Error>`.
 macro_rules! trace_from_row {
@@ -337,6 +404,7 @@ macro_rules! trace_from_row {
             p_wrong: row.try_get("p_wrong")?,
             grounding: row.try_get("grounding")?,
             hallucination: row.try_get("hallucination")?,
+            completion_id: row.try_get("completion_id")?,
         })
     }};
 }
@@ -404,6 +472,22 @@ impl Store {
                         sqlx::query(&add).execute(pool).await?;
                     }
                 }
+                let columns: Vec<String> = sqlx::query_scalar(
+                    "SELECT name FROM pragma_table_info('kiln_gateway_content')",
+                )
+                .fetch_all(pool)
+                .await?;
+                for (name, sqlite_type, _) in ADDED_CONTENT_COLUMNS {
+                    if !columns.iter().any(|c| c == name) {
+                        let add = format!(
+                            "ALTER TABLE kiln_gateway_content ADD COLUMN {name} {sqlite_type}"
+                        );
+                        sqlx::query(&add).execute(pool).await?;
+                    }
+                }
+                for index in ADDED_INDEXES {
+                    sqlx::query(index).execute(pool).await?;
+                }
             }
             Pool::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
@@ -419,6 +503,15 @@ impl Store {
                         "ALTER TABLE kiln_gateway_requests ADD COLUMN IF NOT EXISTS {name} {pg_type}"
                     );
                     sqlx::query(&add).execute(&mut *tx).await?;
+                }
+                for (name, _, pg_type) in ADDED_CONTENT_COLUMNS {
+                    let add = format!(
+                        "ALTER TABLE kiln_gateway_content ADD COLUMN IF NOT EXISTS {name} {pg_type}"
+                    );
+                    sqlx::query(&add).execute(&mut *tx).await?;
+                }
+                for index in ADDED_INDEXES {
+                    sqlx::query(index).execute(&mut *tx).await?;
                 }
                 tx.commit().await?;
             }
@@ -476,12 +569,15 @@ impl Store {
     /// Keeps a request's (redacted) content.
     pub async fn record_content(&self, c: &ContentRecord) -> Result<(), anyhow::Error> {
         const SQLITE: &str = "INSERT OR REPLACE INTO kiln_gateway_content \
-            (request_id, at_us, tenant, model, no_train, prompt, completion) \
-            VALUES (?, ?, ?, ?, ?, ?, ?)";
+            (request_id, at_us, tenant, model, no_train, prompt, completion, completion_id, \
+            choices) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)";
         const POSTGRES: &str = "INSERT INTO kiln_gateway_content \
-            (request_id, at_us, tenant, model, no_train, prompt, completion) \
-            VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (request_id) DO UPDATE \
-            SET prompt = EXCLUDED.prompt, completion = EXCLUDED.completion";
+            (request_id, at_us, tenant, model, no_train, prompt, completion, completion_id, \
+            choices) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT (request_id) \
+            DO UPDATE SET prompt = EXCLUDED.prompt, completion = EXCLUDED.completion, \
+            completion_id = EXCLUDED.completion_id, choices = EXCLUDED.choices";
+        let choices =
+            (!c.choices.is_empty()).then(|| serde_json::to_string(&c.choices).unwrap_or_default());
         macro_rules! bind_content {
             ($q:expr) => {
                 $q.bind(c.request_id.as_str())
@@ -491,6 +587,8 @@ impl Store {
                     .bind(c.no_train)
                     .bind(c.prompt.as_str())
                     .bind(c.completion.as_deref())
+                    .bind(c.completion_id.as_deref())
+                    .bind(choices.as_deref())
             };
         }
         let done = match &self.pool {
@@ -517,36 +615,18 @@ impl Store {
         &self,
         since: SystemTime,
     ) -> Result<Vec<ContentRecord>, anyhow::Error> {
-        type Row = (String, i64, String, String, bool, String, Option<String>);
-        const SQLITE: &str = "SELECT request_id, at_us, tenant, model, no_train, prompt, completion \
-            FROM kiln_gateway_content WHERE no_train = 0 AND at_us >= ? ORDER BY at_us";
-        const POSTGRES: &str = "SELECT request_id, at_us, tenant, model, no_train, prompt, completion \
-            FROM kiln_gateway_content WHERE NOT no_train AND at_us >= $1 ORDER BY at_us";
+        let select = format!(
+            "SELECT {CONTENT_COLUMNS} FROM {CONTENT_TABLE} \
+             WHERE NOT no_train AND at_us >= {} ORDER BY at_us",
+            self.placeholder(1)
+        );
         let since_us = unix_micros(since);
-        let rows: Result<Vec<Row>, sqlx::Error> = match &self.pool {
-            Pool::Sqlite(pool) => sqlx::query_as(SQLITE).bind(since_us).fetch_all(pool).await,
-            Pool::Postgres(pool) => {
-                sqlx::query_as(POSTGRES)
-                    .bind(since_us)
-                    .fetch_all(pool)
-                    .await
-            }
+        let rows: Result<Vec<ContentRow>, sqlx::Error> = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query_as(&select).bind(since_us).fetch_all(pool).await,
+            Pool::Postgres(pool) => sqlx::query_as(&select).bind(since_us).fetch_all(pool).await,
         };
         let rows = rows.with_context(|| format!("reading {CONTENT_TABLE}"))?;
-        Ok(rows
-            .into_iter()
-            .map(
-                |(request_id, at_us, tenant, model, no_train, prompt, completion)| ContentRecord {
-                    request_id,
-                    at: from_unix_micros(at_us),
-                    tenant,
-                    model,
-                    no_train,
-                    prompt,
-                    completion,
-                },
-            )
-            .collect())
+        Ok(rows.into_iter().map(content_from_row).collect())
     }
 
     /// Total cost in USD of `tenant`'s requests that arrived at or after `since` (requests
@@ -608,7 +688,7 @@ impl Store {
     }
 
     /// The `n`-th bind placeholder of this store's SQL dialect.
-    fn placeholder(&self, n: usize) -> String {
+    pub(crate) fn placeholder(&self, n: usize) -> String {
         match self.pool {
             Pool::Sqlite(_) => "?".to_string(),
             Pool::Postgres(_) => format!("${n}"),
@@ -784,7 +864,7 @@ fn options_path(url: &str) -> &str {
 }
 
 /// The time `us` microseconds after the Unix epoch (before it when negative).
-fn from_unix_micros(us: i64) -> SystemTime {
+pub(crate) fn from_unix_micros(us: i64) -> SystemTime {
     if us >= 0 {
         UNIX_EPOCH + Duration::from_micros(us.unsigned_abs())
     } else {
@@ -798,7 +878,7 @@ fn finite(v: Option<f64>) -> Option<f64> {
 }
 
 /// Microseconds since the Unix epoch, negative before it, saturating at the i64 range.
-fn unix_micros(t: SystemTime) -> i64 {
+pub(crate) fn unix_micros(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_micros()).unwrap_or(i64::MAX),
         Err(e) => i64::try_from(e.duration().as_micros())

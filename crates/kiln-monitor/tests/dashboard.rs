@@ -9,7 +9,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use kiln_monitor::dashboard::{CONTENT_SECURITY_POLICY, CONTENT_TYPE, PAGE};
+use kiln_monitor::dashboard::{
+    CONTENT_SECURITY_POLICY, CONTENT_TYPE, LABEL_CONTENT_SECURITY_POLICY, LABEL_PAGE, PAGE,
+};
+use kiln_monitor::feedback::{LabelItem, LabelReply};
 use kiln_monitor::live::{DRIFT_HISTORY, DriftPoint, Live, MAX_LABELS, OTHER_LABEL, Observation};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -430,6 +433,27 @@ fn page_is_self_contained() {
     assert!(CONTENT_SECURITY_POLICY.contains("connect-src 'self'"));
 }
 
+#[test]
+fn label_page_is_self_contained_and_inserts_data_as_text() {
+    assert!(LABEL_PAGE.contains("<title>kiln — labelling</title>"));
+    for external in ["http://", "https://", "//cdn", "@import", "<link"] {
+        assert!(
+            !LABEL_PAGE.contains(external),
+            "the page must load nothing ({external})"
+        );
+    }
+    // Prompts and replies are user data: never parsed as markup.
+    for markup in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+    ] {
+        assert!(!LABEL_PAGE.contains(markup), "the page uses {markup}");
+    }
+    assert!(LABEL_CONTENT_SECURITY_POLICY.contains("connect-src 'self'"));
+}
+
 /// SHA-256 (FIPS 180-4), for the CSP hashes; the crate has no hashing dependency.
 fn sha256(data: &[u8]) -> [u8; 32] {
     const K: [u32; 64] = [
@@ -537,19 +561,33 @@ fn sha256_and_base64_match_known_values() {
 /// without updating [`CONTENT_SECURITY_POLICY`] would leave a blank page in browsers.
 #[test]
 fn csp_hashes_match_the_page() {
+    assert_csp_matches(PAGE, CONTENT_SECURITY_POLICY, "CONTENT_SECURITY_POLICY");
+}
+
+/// The same for the labelling page and [`LABEL_CONTENT_SECURITY_POLICY`].
+#[test]
+fn label_csp_hashes_match_the_page() {
+    assert_csp_matches(
+        LABEL_PAGE,
+        LABEL_CONTENT_SECURITY_POLICY,
+        "LABEL_CONTENT_SECURITY_POLICY",
+    );
+}
+
+fn assert_csp_matches(page: &str, csp: &str, name: &str) {
     for (tag, directive) in [("script", "script-src"), ("style", "style-src")] {
         let open = format!("<{tag}>");
-        let start = PAGE.find(&open).unwrap() + open.len();
-        let end = start + PAGE[start..].find(&format!("</{tag}>")).unwrap();
-        assert_eq!(PAGE.matches(&open).count(), 1, "one inline <{tag}>");
-        let hash = format!("'sha256-{}'", base64(&sha256(&PAGE.as_bytes()[start..end])));
+        let start = page.find(&open).unwrap() + open.len();
+        let end = start + page[start..].find(&format!("</{tag}>")).unwrap();
+        assert_eq!(page.matches(&open).count(), 1, "one inline <{tag}>");
+        let hash = format!("'sha256-{}'", base64(&sha256(&page.as_bytes()[start..end])));
         let want = format!("{directive} {hash}");
         assert!(
-            CONTENT_SECURITY_POLICY.contains(&want),
-            "the page's <{tag}> changed: CONTENT_SECURITY_POLICY needs `{want}`"
+            csp.contains(&want),
+            "the page's <{tag}> changed: {name} needs `{want}`"
         );
     }
-    assert!(!CONTENT_SECURITY_POLICY.contains("unsafe-inline"));
+    assert!(!csp.contains("unsafe-inline"));
 }
 
 const KEY: &str = "test-key-123";
@@ -795,6 +833,11 @@ fn screenshot_path() -> PathBuf {
     .join("dashboard-screenshot.png")
 }
 
+/// `target/label-screenshot.png`, beside the dashboard's.
+fn label_screenshot_path() -> PathBuf {
+    screenshot_path().with_file_name("label-screenshot.png")
+}
+
 /// The text content of the element with `id` in a dumped DOM.
 fn element_text<'a>(dom: &'a str, id: &str) -> Option<&'a str> {
     let start = dom.find(&format!("id=\"{id}\""))?;
@@ -925,4 +968,179 @@ fn dashboard_renders_in_headless_chromium() {
         let n = near(hex(colour));
         assert!(n >= min, "{what} ({colour}): {n} pixels, want ≥ {min}");
     }
+}
+
+// ---- the labelling page in a browser --------------------------------------------------------
+
+/// A chat item whose prompt and replies try to inject markup, and a completion-prompt item.
+fn label_items() -> Vec<LabelItem> {
+    let reply = |request_id: &str, index: Option<u32>, text: &str| LabelReply {
+        request_id: request_id.into(),
+        completion_id: Some(format!("chatcmpl-{request_id}")),
+        index,
+        model: "llama-3-8b".into(),
+        text: text.into(),
+    };
+    vec![
+        LabelItem {
+            tenant: "acme".into(),
+            prompt: serde_json::json!([
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Is <img src=x onerror=\"document.title='pwned'\"> safe to show?"}
+            ])
+            .to_string(),
+            a: reply(
+                "kgw-1",
+                Some(0),
+                "No: <script>document.title='pwned'</script> must stay text.\nSecond line.",
+            ),
+            b: reply("kgw-1", Some(1), "Yes, <b>always</b>."),
+        },
+        LabelItem {
+            tenant: "acme".into(),
+            prompt: "Once upon a time".into(),
+            a: reply("kgw-2", None, "there was a kiln."),
+            b: reply("kgw-3", None, "a model was trained."),
+        },
+    ]
+}
+
+/// `/dashboard/label` (its queue behind [`KEY`]) and `/empty/dashboard/label` (an empty queue).
+fn serve_label() -> Server {
+    use axum::Router;
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+
+    let page = || async {
+        (
+            [
+                (header::CONTENT_TYPE, CONTENT_TYPE),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    LABEL_CONTENT_SECURITY_POLICY,
+                ),
+            ],
+            LABEL_PAGE,
+        )
+    };
+    let app = Router::new()
+        .route("/dashboard/label", get(page))
+        .route(
+            "/dashboard/label/next",
+            get(|headers: HeaderMap| async move {
+                let auth = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok());
+                if auth != Some(&format!("Bearer {KEY}")) {
+                    return StatusCode::UNAUTHORIZED.into_response();
+                }
+                axum::Json(serde_json::json!({"object": "list", "data": label_items()}))
+                    .into_response()
+            }),
+        )
+        .route("/empty/dashboard/label", get(page))
+        .route(
+            "/empty/dashboard/label/next",
+            get(|| async { axum::Json(serde_json::json!({"object": "list", "data": []})) }),
+        );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    Server {
+        url: format!("http://{addr}/dashboard/label"),
+        empty_url: format!("http://{addr}/empty/dashboard/label"),
+        flaky_url: String::new(),
+        _rt: rt,
+    }
+}
+
+#[test]
+fn label_page_renders_in_headless_chromium() {
+    let Some(chromium) = chromium_path() else {
+        return;
+    };
+    let server = serve_label();
+    let with_key = format!("{}?key={KEY}", server.url);
+
+    // The first item: the prompt as role + text, both replies, the count; markup stays text.
+    let dom = run_chromium(&chromium, &["--dump-dom".to_string()], &with_key);
+    assert!(
+        dom.contains("data-ready=\"1\""),
+        "the page never rendered its queue (a stale CSP hash blocks its script: see \
+         label_csp_hashes_match_the_page); DOM:\n{dom}"
+    );
+    assert_eq!(element_text(&dom, "left"), Some("2 left"));
+    assert_eq!(element_text(&dom, "meta-a"), Some("llama-3-8b · choice 0"));
+    assert_eq!(element_text(&dom, "meta-b"), Some("llama-3-8b · choice 1"));
+    assert_eq!(
+        element_text(&dom, "text-b"),
+        Some("Yes, &lt;b&gt;always&lt;/b&gt;.")
+    );
+    assert!(
+        element_text(&dom, "text-a")
+            .unwrap()
+            .starts_with("No: &lt;script&gt;document.title='pwned'&lt;/script&gt;"),
+        "{dom}"
+    );
+    assert!(dom.contains("<div class=\"role\">system</div>"), "{dom}");
+    assert!(dom.contains("<div class=\"role\">user</div>"), "{dom}");
+    assert!(dom.contains("You are terse."));
+    assert!(dom.contains("Is &lt;img src=x onerror="), "{dom}");
+    assert!(
+        !dom.contains("<img") && !dom.contains("<b>always"),
+        "markup ran"
+    );
+    assert!(
+        dom.contains("<title>kiln — labelling</title>"),
+        "a script ran"
+    );
+    assert!(!dom.contains("class=\"show\""), "error banner shown");
+    for label in ["A is better", "B is better", "Skip", "Edit"] {
+        assert!(dom.contains(label), "no {label:?} button");
+    }
+
+    // Without the key the queue is refused: the banner says so.
+    let dom = run_chromium(&chromium, &["--dump-dom".to_string()], &server.url);
+    assert!(!dom.contains("data-ready=\"1\""));
+    let banner = element_text(&dom, "banner").unwrap();
+    assert!(banner.contains("HTTP 401"), "banner: {banner:?}");
+
+    // An empty queue says there is nothing to label.
+    let dom = run_chromium(&chromium, &["--dump-dom".to_string()], &server.empty_url);
+    assert!(dom.contains("data-ready=\"1\""), "{dom}");
+    assert_eq!(element_text(&dom, "left"), Some("0 left"));
+    assert!(dom.contains("id=\"empty\" class=\"card show\""), "{dom}");
+    let main = &dom[dom.find("<main>").unwrap()..dom.find("</main>").unwrap()];
+    assert!(
+        !main.contains("undefined") && !main.contains("NaN"),
+        "{main}"
+    );
+
+    // The screenshot shows the two replies and the buttons.
+    let shot = label_screenshot_path();
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&shot);
+    run_chromium(
+        &chromium,
+        &[format!("--screenshot={}", shot.display())],
+        &with_key,
+    );
+    println!("labelling page screenshot: {}", shot.display());
+    let (w, h, px) = decode_png(&shot);
+    assert_eq!((w, h), (1400, 1000));
+    let blue = px
+        .iter()
+        .filter(|p| {
+            p.iter()
+                .zip(hex("#2563eb"))
+                .all(|(a, b)| a.abs_diff(b) <= 6)
+        })
+        .count();
+    assert!(blue >= 1000, "the pick buttons: {blue} blue pixels");
+    let white = px.iter().filter(|p| **p == [255, 255, 255]).count();
+    assert!(white >= 100_000, "the cards: {white} white pixels");
 }
