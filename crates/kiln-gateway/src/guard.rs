@@ -132,7 +132,31 @@ pub fn prompt_text(endpoint: Endpoint, body: &Value, skip_system: bool) -> Strin
 
 /// The text of the first choice of a whole reply.
 pub fn reply_text(body: &Value) -> Option<String> {
-    let choice = body.get("choices")?.get(0)?;
+    choice_text(body.get("choices")?.get(0)?)
+}
+
+/// A whole reply's (or a stream chunk's) own `id`: `chatcmpl-…`, `cmpl-…`.
+pub fn reply_id(body: &Value) -> Option<String> {
+    body.get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+        .map(str::to_string)
+}
+
+/// The text of every choice of a whole reply, in order, when it has two or more (a choice
+/// without text counts as empty); empty otherwise.
+pub fn choice_texts(body: &Value) -> Vec<String> {
+    match body.get("choices").and_then(Value::as_array) {
+        Some(choices) if choices.len() >= 2 => choices
+            .iter()
+            .map(|c| choice_text(c).unwrap_or_default())
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The text of one choice: a chat `message.content` or a completion's `text`.
+fn choice_text(choice: &Value) -> Option<String> {
     choice
         .get("message")
         .and_then(|m| m.get("content"))

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod config;
 pub mod cost;
 pub mod error;
+pub mod feedback;
 pub mod guard;
 pub mod limits;
 pub mod metrics;

@@ -40,6 +40,7 @@ pub struct GatewayMetrics {
     rate_limited: IntCounterVec,
     upstream_errors: IntCounterVec,
     guardrails: IntCounterVec,
+    feedback: IntCounterVec,
     models: LabelCap,
     tenants: LabelCap,
 }
@@ -118,6 +119,11 @@ impl GatewayMetrics {
                 "kiln_gateway_guardrail_verdicts_total",
                 "Guardrail detections by tenant, detector (input.pii, output.system_prompt_leak…) and action (block, redact, flag).",
                 &["tenant", "detector", "action"]
+            )),
+            feedback: register!(counter(
+                "kiln_gateway_feedback_total",
+                "Feedback kept, by kind: thumbs_up, thumbs_down, score, correction, preferred (from POST /v1/feedback) and label (the dashboard's labelling page).",
+                &["kind"]
             )),
             registry,
             models: LabelCap::default(),
@@ -207,6 +213,12 @@ impl GatewayMetrics {
         self.guardrails
             .with_label_values(&[self.tenants.get(tenant), detector, action])
             .inc();
+    }
+
+    /// One signal of a feedback record kept: `thumbs_up`, `thumbs_down`, `score`, `correction`,
+    /// `preferred` or `label` (a fixed set: no caller-controlled values).
+    pub fn feedback(&self, kind: &'static str) {
+        self.feedback.with_label_values(&[kind]).inc();
     }
 
     /// A failed upstream attempt of kind `kind` (`connect`, `timeout`, `status_503`, …).

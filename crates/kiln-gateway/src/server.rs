@@ -21,6 +21,13 @@
 //! servers that send one token per chunk (kiln serve, vLLM) and an undercount for those that
 //! batch tokens.
 //!
+//! **Completion ids and choices.** Every trace records the reply's own `id` (a whole reply's,
+//! a cache hit's — the id of the reply it replays — or a stream's first event's), which clients
+//! give feedback on ([`crate::feedback`]). With content capture on, a reply with two or more
+//! choices keeps every choice's text (scrubbed): whole replies and cache hits from the JSON at
+//! accounting, streams choice by choice by their `index` as the events pass — unless output
+//! guardrails rewrite the stream, which then keeps the first choice only.
+//!
 //! Ways to run it, as in `kiln-serve`: [`build`] returns the router and state for a caller with
 //! its own listener; [`Gateway`] is a bound listener run until a shutdown future resolves;
 //! [`serve_blocking`] does that on a runtime of its own (`kiln gateway` passes
@@ -51,7 +58,8 @@ use crate::config::GatewayConfig;
 use crate::cost::request_cost;
 use crate::error::ApiError;
 use crate::guard::{
-    Scrubber, SseRewriter, check_input, prompt_text, reply_text, violation_error, violation_events,
+    Scrubber, SseRewriter, check_input, choice_texts, prompt_text, reply_id, reply_text,
+    violation_error, violation_events,
 };
 use crate::limits::{Admission, LimitKey, Limited, RateLimiter};
 use crate::metrics::GatewayMetrics;
@@ -70,6 +78,9 @@ pub const DEFAULT_HEALTH_INTERVAL: Duration = Duration::from_secs(5);
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A streamed reply is assembled for the cache only up to this many bytes of events.
 const MAX_ASSEMBLED_BYTES: usize = 4 << 20;
+/// Choices of a stream captured one by one (by `index`); events about higher indexes are not
+/// captured.
+const MAX_CAPTURED_CHOICES: usize = 128;
 
 /// Knobs that are not part of the YAML config.
 #[derive(Debug, Clone)]
@@ -104,8 +115,9 @@ struct Inner {
     upstreams: Arc<Upstreams>,
     validator: Validator,
     guardrails: Arc<Guardrails>,
-    /// Scrubs content before it is kept; `None` unless `store.capture_content`.
-    scrubber: Option<Scrubber>,
+    /// Scrubs captured content (when `store.capture_content`) and feedback corrections
+    /// (always) before they are kept.
+    scrubber: Scrubber,
     requests: AtomicU64,
     /// Requests past validation whose accounting (metrics, budget, trace) has not finished.
     unaccounted: Arc<AtomicU64>,
@@ -132,9 +144,53 @@ impl GatewayState {
         self.inner.monitor.flush().await;
     }
 
-    fn dashboard_on(&self) -> bool {
+    pub(crate) fn dashboard_on(&self) -> bool {
         let m = &self.inner.config.monitor;
         m.enabled && m.dashboard
+    }
+
+    /// The dashboard's routes answer 404 while it is off, and 401 without its key
+    /// (`monitor.dashboard_key`, as `Authorization: Bearer …`) when one is set.
+    pub(crate) fn dashboard_access(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if !self.dashboard_on() {
+            return Err(ApiError::not_found(
+                "the dashboard is off (monitor.dashboard)",
+            ));
+        }
+        if let Some(key) = &self.inner.config.monitor.dashboard_key {
+            let given = authorization(headers)
+                .and_then(|h| h.strip_prefix("Bearer "))
+                .unwrap_or("");
+            let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), key.as_bytes()).into();
+            if !ok {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "invalid_request_error",
+                    "invalid_api_key",
+                    "the dashboard needs its key (monitor.dashboard_key): open /dashboard?key=…",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The caller of a client route, authenticated as for `/v1/chat/completions`.
+    pub(crate) async fn authenticate(&self, headers: &HeaderMap) -> Result<Principal, Response> {
+        self.inner
+            .auth
+            .authenticate(authorization(headers))
+            .await
+            .map_err(IntoResponse::into_response)
+    }
+
+    /// The largest request body accepted (`validation.max_body_bytes`).
+    pub(crate) fn max_body_bytes(&self) -> usize {
+        self.inner.validator.max_body_bytes()
+    }
+
+    /// The PII scrubber built from `guardrails` (custom patterns and allow-list included).
+    pub(crate) fn scrubber(&self) -> &Scrubber {
+        &self.inner.scrubber
     }
 
     pub fn config(&self) -> &GatewayConfig {
@@ -191,11 +247,7 @@ pub async fn build_with(
     let budgets = Budgets::new(&config.budgets, store.clone());
     let validator = Validator::new(&config.validation)?;
     let guardrails = Arc::new(Guardrails::new(&config.guardrails)?);
-    let scrubber = if config.store.capture_content {
-        Some(Scrubber::new(&config.guardrails)?)
-    } else {
-        None
-    };
+    let scrubber = Scrubber::new(&config.guardrails)?;
     let upstreams = Arc::new(Upstreams::new(&config.upstreams)?);
     let metrics = GatewayMetrics::new();
     let monitor = Monitor::start(&config, store.clone(), metrics.registry())?;
@@ -239,9 +291,15 @@ pub fn router(state: GatewayState) -> Router {
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_page))
         .route("/dashboard/data", get(dashboard_data))
+        .route("/v1/feedback", post(crate::feedback::post_feedback))
+        .route(
+            "/dashboard/label",
+            get(crate::feedback::label_page).post(crate::feedback::post_label),
+        )
+        .route("/dashboard/label/next", get(crate::feedback::label_next))
         .fallback(|req: Request| async move {
             ApiError::not_found(format!(
-                "no route {} {}; the gateway serves POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health, GET /metrics and GET /dashboard",
+                "no route {} {}; the gateway serves POST /v1/chat/completions, POST /v1/completions, POST /v1/feedback, GET /v1/models, GET /health, GET /metrics, GET /dashboard and GET /dashboard/label",
                 req.method(),
                 req.uri().path()
             ))
@@ -279,23 +337,8 @@ async fn dashboard_page(State(state): State<GatewayState>) -> Response {
 
 /// The dashboard's data: the live window as JSON.
 async fn dashboard_data(State(state): State<GatewayState>, headers: HeaderMap) -> Response {
-    if !state.dashboard_on() {
-        return ApiError::not_found("the dashboard is off (monitor.dashboard)").into_response();
-    }
-    if let Some(key) = &state.inner.config.monitor.dashboard_key {
-        let given = authorization(&headers)
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .unwrap_or("");
-        let ok: bool = subtle::ConstantTimeEq::ct_eq(given.as_bytes(), key.as_bytes()).into();
-        if !ok {
-            return ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "invalid_request_error",
-                "invalid_api_key",
-                "the dashboard needs its key (monitor.dashboard_key): open /dashboard?key=…",
-            )
-            .into_response();
-        }
+    if let Err(e) = state.dashboard_access(&headers) {
+        return e.into_response();
     }
     let monitor = state.inner.monitor.clone();
     let data = tokio::task::spawn_blocking(move || monitor.dashboard_data())
@@ -403,12 +446,46 @@ struct Outcome {
     reply: Option<ReplySignals>,
     /// The response cache was consulted.
     cache_lookup: bool,
+    /// The reply's own `id`, when it had one.
+    completion_id: Option<String>,
+    /// Every choice's text (unscrubbed) when the reply had several and content is captured.
+    choices: Vec<String>,
+    /// A whole reply as the client got it, read at accounting for `completion_id` and
+    /// `choices`.
+    reply_body: Option<Value>,
+}
+
+impl Outcome {
+    /// A reply with no body worth reading (refusals, failures).
+    fn bare(status: u16, cache_hit: bool, cache_lookup: bool, overhead: Duration) -> Self {
+        Self {
+            status,
+            upstream: None,
+            cache_hit,
+            usage: None,
+            completion_estimate: 0,
+            upstream_time: None,
+            overhead,
+            completion: None,
+            reply: None,
+            cache_lookup,
+            completion_id: None,
+            choices: Vec::new(),
+            reply_body: None,
+        }
+    }
 }
 
 impl RequestContext {
     /// Completion tokens for the TPM window, cost, budget, metrics and the stored record.
-    async fn account(self, outcome: Outcome) {
+    async fn account(self, mut outcome: Outcome) {
         let inner = &self.state.inner;
+        if let Some(body) = outcome.reply_body.take() {
+            outcome.completion_id = outcome.completion_id.or_else(|| reply_id(&body));
+            if self.captured_prompt.is_some() {
+                outcome.choices = choice_texts(&body);
+            }
+        }
         let (prompt, completion) = outcome
             .usage
             .unwrap_or((self.prompt_tokens, outcome.completion_estimate));
@@ -461,18 +538,22 @@ impl RequestContext {
             let now = SystemTime::now();
             now.checked_sub(self.started.elapsed()).unwrap_or(now)
         };
-        let content = match (&inner.scrubber, self.captured_prompt) {
-            (Some(scrubber), Some(prompt)) => Some(ContentRecord {
-                request_id: self.request_id.clone(),
-                at,
-                tenant: tenant.clone(),
-                model: self.model.clone(),
-                no_train: self.principal.no_train,
-                prompt: scrubber.scrub(&prompt),
-                completion: outcome.completion.as_deref().map(|c| scrubber.scrub(c)),
-            }),
-            _ => None,
-        };
+        let scrubber = &inner.scrubber;
+        let content = self.captured_prompt.map(|prompt| ContentRecord {
+            request_id: self.request_id.clone(),
+            at,
+            tenant: tenant.clone(),
+            model: self.model.clone(),
+            no_train: self.principal.no_train,
+            prompt: scrubber.scrub(&prompt),
+            completion: outcome.completion.as_deref().map(|c| scrubber.scrub(c)),
+            completion_id: outcome.completion_id.clone(),
+            choices: if outcome.choices.len() >= 2 {
+                outcome.choices.iter().map(|c| scrubber.scrub(c)).collect()
+            } else {
+                Vec::new()
+            },
+        });
         let guard_blocked = outcome.status == 400
             && self
                 .guard
@@ -506,6 +587,7 @@ impl RequestContext {
             no_train: self.principal.no_train,
             guard,
             total_ms: Some(self.started.elapsed().as_secs_f64() * 1e3),
+            completion_id: outcome.completion_id,
             ..RequestRecord::default()
         };
         inner.monitor.finish(Finished {
@@ -632,15 +714,11 @@ async fn proxied(state: GatewayState, endpoint: Endpoint, request: Request) -> R
     }
     // Content is kept for answered requests only: a refused one's text is what the gateway
     // declined to pass on.
-    let captured_prompt = inner
-        .scrubber
-        .as_ref()
-        .filter(|_| refusal.is_none())
-        .map(|_| {
-            let skip_system =
-                valid.endpoint == Endpoint::Chat && inner.guardrails.system_prompt().is_some();
-            prompt_text(valid.endpoint, &valid.body, skip_system)
-        });
+    let captured_prompt = (inner.config.store.capture_content && refusal.is_none()).then(|| {
+        let skip_system =
+            valid.endpoint == Endpoint::Chat && inner.guardrails.system_prompt().is_some();
+        prompt_text(valid.endpoint, &valid.body, skip_system)
+    });
     let signals = inner.monitor.is_enabled().then(|| {
         let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
         RequestSignals::of(valid.endpoint, &valid.body, bytes.clone(), traceparent)
@@ -679,18 +757,7 @@ fn refuse_violation(
             .insert(HeaderName::from_static("x-request-id"), v);
     }
     let overhead = ctx.started.elapsed();
-    tokio::spawn(ctx.account(Outcome {
-        status: 400,
-        upstream: None,
-        cache_hit,
-        usage: None,
-        completion_estimate: 0,
-        upstream_time: None,
-        overhead,
-        completion: None,
-        reply: None,
-        cache_lookup: cache_hit,
-    }));
+    tokio::spawn(ctx.account(Outcome::bare(400, cache_hit, cache_hit, overhead)));
     drop(admission);
     response
 }
@@ -750,6 +817,11 @@ async fn forward(
                 return refuse_violation(ctx, &v, true, admission);
             }
             let completion = ctx.captured_prompt.as_ref().and_then(|_| reply_text(&body));
+            let completion_id = reply_id(&body);
+            let choices = match ctx.captured_prompt {
+                Some(_) => choice_texts(&body),
+                None => Vec::new(),
+            };
             let reply = ctx.signals.as_ref().map(|_| ReplySignals::of_reply(&body));
             let mut response = if valid.stream {
                 let events = as_sse_events(&body, valid.include_usage).concat();
@@ -770,6 +842,9 @@ async fn forward(
                 completion,
                 reply,
                 cache_lookup: true,
+                completion_id,
+                choices,
+                reply_body: None,
             }));
             drop(admission);
             return response;
@@ -799,18 +874,7 @@ async fn forward(
             response.headers_mut().extend(extra);
             let status = response.status().as_u16();
             let overhead = ctx.started.elapsed().saturating_sub(upstream_time);
-            tokio::spawn(ctx.account(Outcome {
-                status,
-                upstream: None,
-                cache_hit: false,
-                usage: None,
-                completion_estimate: 0,
-                upstream_time: None,
-                overhead,
-                completion: None,
-                reply: None,
-                cache_lookup,
-            }));
+            tokio::spawn(ctx.account(Outcome::bare(status, false, cache_lookup, overhead)));
             return response;
         }
     };
@@ -844,6 +908,8 @@ async fn forward(
             content_chunks: 0,
             rewriter,
             capture,
+            choice_texts: Vec::new(),
+            completion_id: None,
             signals,
             cache_lookup,
         };
@@ -897,6 +963,9 @@ async fn forward(
                 completion: None,
                 reply: None,
                 cache_lookup,
+                completion_id: None,
+                choices: Vec::new(),
+                reply_body: None,
             }));
             return response;
         }
@@ -945,6 +1014,9 @@ async fn forward(
                 completion: None,
                 reply: None,
                 cache_lookup,
+                completion_id: None,
+                choices: Vec::new(),
+                reply_body: None,
             }));
             return response;
         };
@@ -977,6 +1049,10 @@ async fn forward(
         completion,
         reply,
         cache_lookup,
+        completion_id: None,
+        choices: Vec::new(),
+        // Its id and choices are read at accounting, off the request path.
+        reply_body: checked,
     }));
     drop(admission);
     response
@@ -1045,6 +1121,10 @@ struct Tap {
     rewriter: Option<SseRewriter>,
     /// The first choice's text as sent to the client, when content is captured.
     capture: Option<String>,
+    /// Every choice's text by `index`, when content is captured and no rewriter runs.
+    choice_texts: Vec<String>,
+    /// The `id` of the first event that had one.
+    completion_id: Option<String>,
     /// What monitoring reads of the events, when it is on.
     signals: Option<StreamSignals>,
     cache_lookup: bool,
@@ -1095,21 +1175,39 @@ impl Tap {
             if has_content {
                 self.content_chunks += 1;
             }
-            // Unrewritten streams are captured as they pass (the rewriter captures what it
-            // releases).
+            if self.completion_id.is_none() {
+                self.completion_id = reply_id(&chunk);
+            }
+            // Unrewritten streams are captured as they pass, choice by choice (the rewriter
+            // captures what it releases, of the first choice only).
             if self.rewriter.is_none()
                 && let Some(capture) = self.capture.as_mut()
-                && let Some(text) = chunk
-                    .get("choices")
-                    .and_then(|c| c.get(0))
-                    .and_then(|c| {
-                        c.get("delta")
-                            .and_then(|d| d.get("content"))
-                            .or_else(|| c.get("text"))
-                    })
-                    .and_then(Value::as_str)
+                && let Some(choices) = chunk.get("choices").and_then(Value::as_array)
             {
-                capture.push_str(text);
+                for (position, c) in choices.iter().enumerate() {
+                    let Some(text) = c
+                        .get("delta")
+                        .and_then(|d| d.get("content"))
+                        .or_else(|| c.get("text"))
+                        .and_then(Value::as_str)
+                    else {
+                        continue;
+                    };
+                    let index = c
+                        .get("index")
+                        .and_then(Value::as_u64)
+                        .and_then(|i| usize::try_from(i).ok())
+                        .unwrap_or(position);
+                    if index == 0 {
+                        capture.push_str(text);
+                    }
+                    if index < MAX_CAPTURED_CHOICES {
+                        if self.choice_texts.len() <= index {
+                            self.choice_texts.resize(index + 1, String::new());
+                        }
+                        self.choice_texts[index].push_str(text);
+                    }
+                }
             }
             self.assembled_bytes += data.len();
             if self.assembled_bytes > MAX_ASSEMBLED_BYTES {
@@ -1140,6 +1238,13 @@ impl Tap {
             completion: self.capture.take(),
             reply: self.signals.take().map(StreamSignals::finish),
             cache_lookup: self.cache_lookup,
+            completion_id: self.completion_id.take(),
+            choices: if self.choice_texts.len() >= 2 {
+                std::mem::take(&mut self.choice_texts)
+            } else {
+                Vec::new()
+            },
+            reply_body: None,
         };
         let cache = ctx.state.inner.cache.clone();
         let admission = self.admission.take();

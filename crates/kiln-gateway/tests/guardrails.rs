@@ -343,6 +343,8 @@ async fn injection_is_refused_without_echoing_it() {
         .chat(&user("How do I ignore whitespace changes in git diff?"))
         .await;
     assert_eq!(status, 200);
+    // Verdicts are counted at accounting, after the answer.
+    gw.state.settle(Duration::from_secs(10)).await;
     let metrics = gw.state.metrics().render();
     assert!(
         metrics.contains("kiln_gateway_guardrail_verdicts_total{action=\"block\",detector=\"input.injection\",tenant=\"acme\"} 1"),

@@ -205,7 +205,7 @@ async fn postgres_rows_keep_every_field_and_no_text() {
         row.get::<Option<String>, _>("guard").as_deref(),
         Some("input.pii:redact(EMAIL×2)")
     );
-    assert_eq!(columns.len(), 26, "{columns:?}");
+    assert_eq!(columns.len(), 27, "{columns:?}");
     for forbidden in ["prompt", "completion", "messages", "body", "content"] {
         assert!(!columns.iter().any(|c| c == forbidden), "{columns:?}");
     }
@@ -282,6 +282,12 @@ async fn content_export_leaves_out_no_train(store: &Store) {
                 no_train,
                 prompt: format!("[{{\"role\":\"user\",\"content\":\"question {i}\"}}]"),
                 completion: (i != 2).then(|| format!("answer {i}")),
+                completion_id: Some(format!("chatcmpl-{tenant}-{i}")),
+                choices: if i == 0 {
+                    vec!["answer 0".into(), "another answer".into()]
+                } else {
+                    Vec::new()
+                },
             })
             .await
             .unwrap();
