@@ -622,3 +622,226 @@ impl<'a> PairEncoder<'a> {
         ))
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Unpaired preference data
+
+/// One row of TRL's unpaired preference format (`{"prompt", "completion", "label"}`), the data
+/// KTO trains on: a completion judged desirable (`label: true`) or not, with no partner.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpairedRow {
+    /// A string (standard) or a list of messages (conversational).
+    pub prompt: Value,
+    /// Of the same kind as `prompt`: a string, or a list of (assistant) messages.
+    pub completion: Value,
+    /// Whether the completion is desirable.
+    pub label: bool,
+}
+
+impl UnpairedRow {
+    /// Whether the row is conversational (message lists) rather than standard text.
+    pub fn is_conversational(&self) -> bool {
+        self.prompt.is_array()
+    }
+}
+
+/// Reads unpaired preference data (JSON lines, a `.json` array or Parquet; a file or a directory
+/// of them), checking every row: a missing `prompt`, `completion` or `label`, or a value of the
+/// wrong type, is an error naming the file, line and key, as are an empty completion and a row
+/// whose kind (standard or conversational) differs from the first row's. Nothing is tokenized.
+pub fn read_unpaired_preferences(path: &Path) -> Result<Vec<UnpairedRow>> {
+    let files = dataset_files(path)?;
+    let mut rows = Vec::new();
+    let mut kind: Option<(bool, RowId)> = None;
+    for file in &files {
+        let file: Arc<Path> = Arc::from(file.as_path());
+        for_each_row(&file, &mut |id, value| {
+            let row = parse_unpaired_row(&id, value)?;
+            let conv = row.is_conversational();
+            match &kind {
+                None => kind = Some((conv, id.clone())),
+                Some((first, first_id)) if *first != conv => {
+                    let name = |c: bool| {
+                        if c {
+                            "conversational"
+                        } else {
+                            "standard (text)"
+                        }
+                    };
+                    return Err(invalid(
+                        &id,
+                        format!(
+                            "row is {} unpaired preference data, but the dataset is {} (from {first_id}); one dataset holds one kind",
+                            name(conv),
+                            name(*first)
+                        ),
+                    ));
+                }
+                Some(_) => {}
+            }
+            rows.push(row);
+            Ok(())
+        })?;
+    }
+    if rows.is_empty() {
+        return Err(Error::InvalidInput(format!(
+            "dataset_path {}: no rows",
+            path.display()
+        )));
+    }
+    Ok(rows)
+}
+
+fn parse_unpaired_row(id: &RowId, value: Value) -> Result<UnpairedRow> {
+    let Value::Object(mut row) = value else {
+        return Err(expected(id, "the row", "a JSON object", &value));
+    };
+    strip_nulls(&mut row);
+    if row.contains_key("chosen") || row.contains_key("rejected") {
+        return Err(invalid(
+            id,
+            "paired preference data (`chosen`, `rejected`), not unpaired (`prompt`, `completion`, `label`); `kiln dpo` reads it",
+        ));
+    }
+    let prompt = take(id, &mut row, "prompt")?;
+    let completion = take(id, &mut row, "completion")?;
+    let label = match take(id, &mut row, "label")? {
+        Value::Bool(b) => b,
+        other => return Err(expected(id, "`label`", "a boolean", &other)),
+    };
+    let (prompt, completion) = match prompt {
+        Value::String(p) => match completion {
+            Value::String(c) if c.trim().is_empty() => {
+                return Err(invalid(id, "`completion` is empty"));
+            }
+            Value::String(c) => (Value::String(p), Value::String(c)),
+            other => {
+                return Err(expected(
+                    id,
+                    "`completion`",
+                    "a string (like `prompt`)",
+                    &other,
+                ));
+            }
+        },
+        p @ Value::Array(_) => {
+            if !completion.is_array() {
+                let kind = "a list of messages (like `prompt`)";
+                return Err(expected(id, "`completion`", kind, &completion));
+            }
+            (
+                Value::Array(parse_messages(id, "prompt", p)?),
+                Value::Array(parse_messages(id, "completion", completion)?),
+            )
+        }
+        other => {
+            return Err(expected(
+                id,
+                "`prompt`",
+                "a string or a list of messages",
+                &other,
+            ));
+        }
+    };
+    Ok(UnpairedRow {
+        prompt,
+        completion,
+        label,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(text: &str) -> (tempfile::TempDir, Result<Vec<UnpairedRow>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("kto.jsonl");
+        std::fs::write(&path, text).unwrap();
+        let rows = read_unpaired_preferences(&path);
+        (dir, rows)
+    }
+
+    fn err(text: &str) -> String {
+        read(text).1.unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unpaired_rows_of_both_kinds_are_read_with_their_labels() {
+        let (_dir, rows) = read(concat!(
+            r#"{"prompt": "2+2=", "completion": " 4", "label": true}"#,
+            "\n\n",
+            r#"{"prompt": "2+2=", "completion": " 5", "label": false, "extra": 1}"#,
+            "\n"
+        ));
+        let rows = rows.unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].completion, Value::String(" 4".into()));
+        assert!(rows[0].label && !rows[1].label);
+        assert!(!rows[0].is_conversational());
+
+        let (_dir, rows) = read(concat!(
+            r#"{"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "hello"}], "label": false}"#,
+            "\n"
+        ));
+        let rows = rows.unwrap();
+        assert!(rows[0].is_conversational() && !rows[0].label);
+    }
+
+    #[test]
+    fn a_missing_key_or_a_wrong_type_names_the_line_and_the_key() {
+        let ok = r#"{"prompt": "a", "completion": "b", "label": true}"#;
+        let e = err(&format!(
+            "{ok}\n{}\n",
+            r#"{"prompt": "a", "completion": "b"}"#
+        ));
+        assert!(
+            e.contains("kto.jsonl:2") && e.contains("missing `label`"),
+            "{e}"
+        );
+        let e = err(r#"{"prompt": "a", "label": true}"#);
+        assert!(
+            e.contains("kto.jsonl:1") && e.contains("missing `completion`"),
+            "{e}"
+        );
+        let e = err(r#"{"prompt": "a", "completion": "b", "label": "yes"}"#);
+        assert!(e.contains("`label`") && e.contains("a boolean"), "{e}");
+        let e = err(r#"{"prompt": 3, "completion": "b", "label": true}"#);
+        assert!(e.contains("`prompt`"), "{e}");
+        let e = err(r#"{"prompt": "a", "completion": ["b"], "label": true}"#);
+        assert!(e.contains("`completion`") && e.contains("a string"), "{e}");
+        let e = err(
+            r#"{"prompt": [{"role": "user", "content": "a"}], "completion": "b", "label": true}"#,
+        );
+        assert!(
+            e.contains("`completion`") && e.contains("list of messages"),
+            "{e}"
+        );
+        let e = err(r#"{"prompt": [{"content": "a"}], "completion": [], "label": true}"#);
+        assert!(e.contains("kto.jsonl:1"), "{e}");
+        let e = err(r#"{"prompt": "a", "completion": "  ", "label": true}"#);
+        assert!(e.contains("`completion` is empty"), "{e}");
+        let e = err(r#"{"prompt": "a", "chosen": "b", "rejected": "c"}"#);
+        assert!(e.contains("paired preference data"), "{e}");
+        let e = err("not json\n");
+        assert!(
+            e.contains("kto.jsonl:1") && e.contains("invalid JSON"),
+            "{e}"
+        );
+        assert!(err("\n").contains("no rows"));
+    }
+
+    #[test]
+    fn one_file_holds_one_kind() {
+        let e = err(concat!(
+            r#"{"prompt": "a", "completion": "b", "label": true}"#,
+            "\n",
+            r#"{"prompt": [{"role": "user", "content": "a"}], "completion": [{"role": "assistant", "content": "b"}], "label": true}"#,
+            "\n"
+        ));
+        assert!(
+            e.contains("kto.jsonl:2") && e.contains("one dataset holds one kind"),
+            "{e}"
+        );
+    }
+}
