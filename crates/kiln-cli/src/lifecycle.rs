@@ -70,6 +70,8 @@ struct Report {
     gateway: Option<crate::lifecycle_gateway::GatewayReport>,
     guard: Option<crate::lifecycle_guard::GuardStageReport>,
     monitor: Option<crate::lifecycle_monitor::MonitorStageReport>,
+    #[serde(rename = "loop")]
+    loop_round: Option<crate::lifecycle_loop::LoopStageReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -97,7 +99,7 @@ struct RewardReport {
 }
 
 /// The stages `kiln lifecycle` runs.
-const STAGES: usize = 12;
+const STAGES: usize = 13;
 
 #[derive(Debug, Serialize)]
 struct DpoReport {
@@ -219,6 +221,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         "aligned",
         "quantized",
         "gateway",
+        "loop",
     ] {
         let p = out.join(sub);
         if p.exists() {
@@ -542,12 +545,33 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         args.seed,
     )
     .context("stage monitor")?;
-    server.shutdown().context("stopping kiln serve")?;
     finish_stage(
         &mut stages,
         "monitor",
         t,
         crate::lifecycle_monitor::headline(&monitor_report),
+    );
+
+    // 13. The continuous loop: simulated users' traffic and feedback through a gateway, one
+    // round of export → DPO → evaluation → hot swap, and a poisoned round that must be refused.
+    let t = Instant::now();
+    let loop_report = crate::lifecycle_loop::loop_stage(
+        &server.url(),
+        &sft_merged,
+        &dpo_dir,
+        &world,
+        &data_dir,
+        &out.join("loop"),
+        args.quick,
+        args.seed,
+    )
+    .context("stage loop")?;
+    server.shutdown().context("stopping kiln serve")?;
+    finish_stage(
+        &mut stages,
+        "loop",
+        t,
+        crate::lifecycle_loop::headline(&loop_report),
     );
 
     let report = Report {
@@ -564,6 +588,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         gateway: Some(gateway_report),
         guard: Some(guard_report),
         monitor: Some(monitor_report),
+        loop_round: Some(loop_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
@@ -1119,6 +1144,9 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
     }
     if let Some(m) = &report.monitor {
         md.push_str(&crate::lifecycle_monitor::markdown(m));
+    }
+    if let Some(l) = &report.loop_round {
+        md.push_str(&crate::lifecycle_loop::markdown(l));
     }
     let md_path = out.join("report.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;

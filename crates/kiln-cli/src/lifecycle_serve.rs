@@ -62,6 +62,7 @@ pub fn serve_stage(
 ) -> Result<(ServeReport, ServerHandle)> {
     let mut options = ServeOptions::new(base.to_string_lossy());
     options.served_model_name = Some(base_name.to_string());
+    options.admin_key = Some(crate::lifecycle_loop::ADMIN_KEY.to_string());
     options.adapters = adapters
         .iter()
         .map(|(name, dir)| AdapterSpec {

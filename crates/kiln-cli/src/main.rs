@@ -10,6 +10,7 @@ mod eval;
 mod eval_logps;
 mod eval_reward;
 mod export;
+mod feedback;
 mod gateway;
 mod generate;
 mod guard;
@@ -17,11 +18,15 @@ mod info;
 mod lifecycle;
 mod lifecycle_gateway;
 mod lifecycle_guard;
+mod lifecycle_loop;
 mod lifecycle_monitor;
 mod lifecycle_quantize;
 mod lifecycle_serve;
+mod loop_cmd;
+mod loop_eval;
 mod merge;
 mod model_args;
+mod models;
 mod monitor;
 mod monitor_drift;
 mod ppo;
@@ -106,6 +111,16 @@ enum Command {
     /// per token by model, tenant and day, and the hallucination flag's calibration.
     #[command(subcommand)]
     Monitor(monitor::MonitorCommand),
+    /// The feedback loop's data: `kiln feedback export` turns the gateway's stored feedback into
+    /// DPO, KTO or SFT training rows.
+    #[command(subcommand)]
+    Feedback(feedback::FeedbackCommand),
+    /// One round of the feedback loop: export feedback, DPO a candidate from the serving model,
+    /// evaluate it against the serving model, and promote it into the running server (or not).
+    Loop(loop_cmd::LoopArgs),
+    /// The model registry: every round of `kiln loop`, with its data, metrics and decision.
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
 }
 
 fn main() -> ExitCode {
@@ -131,6 +146,9 @@ fn main() -> ExitCode {
         Command::Gateway(args) => gateway::run(args),
         Command::Guard(cmd) => guard::run(cmd),
         Command::Monitor(cmd) => monitor::run(cmd),
+        Command::Feedback(cmd) => feedback::run(cmd),
+        Command::Loop(args) => loop_cmd::run(args),
+        Command::Models(cmd) => models::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
