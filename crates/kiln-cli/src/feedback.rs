@@ -203,9 +203,14 @@ pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
     } else {
         read_feedback(&opts.store, since)?
     };
-    let built = build_rows(&data.items, opts.format, opts.score_threshold, &|t| {
+    let mut built = build_rows(&data.items, opts.format, opts.score_threshold, &|t| {
         scrubber.scrub(t)
     });
+    if let Some(system) = &opts.scrubber_config.system_prompt {
+        for row in &mut built.rows {
+            restore_system_prompt(row, system);
+        }
+    }
     let mut bytes = Vec::new();
     for row in &built.rows {
         serde_json::to_writer(&mut bytes, row)?;
@@ -225,6 +230,21 @@ pub fn export(opts: &ExportOptions) -> Result<ExportSummary> {
         rescrubbed: built.rescrubbed,
         kind: built.kind.to_string(),
     })
+}
+
+/// Puts the gateway's immutable system prompt back at the head of a chat row's prompt: the
+/// gateway captures prompts without it (it is the same for every request), and the model is
+/// served with it, so it trains with it too.
+fn restore_system_prompt(row: &mut Value, system: &str) {
+    let Some(Value::Array(messages)) = row.get_mut("prompt") else {
+        return;
+    };
+    let has_system = messages
+        .first()
+        .is_some_and(|m| m.get("role").and_then(Value::as_str) == Some("system"));
+    if !has_system {
+        messages.insert(0, serde_json::json!({"role": "system", "content": system}));
+    }
 }
 
 fn read_feedback(store: &str, since: SystemTime) -> Result<FeedbackExport> {
@@ -1028,6 +1048,21 @@ fn render(c: &Candidate) -> Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_immutable_system_prompt_is_put_back_once() {
+        let mut chat = serde_json::json!({"prompt": [{"role": "user", "content": "hi"}]});
+        super::restore_system_prompt(&mut chat, "Be kind.");
+        super::restore_system_prompt(&mut chat, "Be kind.");
+        assert_eq!(
+            chat["prompt"],
+            serde_json::json!([{"role": "system", "content": "Be kind."},
+                               {"role": "user", "content": "hi"}])
+        );
+        let mut text = serde_json::json!({"prompt": "hi"});
+        super::restore_system_prompt(&mut text, "Be kind.");
+        assert_eq!(text["prompt"], "hi", "text prompts have no system message");
+    }
+
     use kiln_monitor::feedback::{Feedback, SOURCE_API, SOURCE_LABEL};
 
     use super::*;

@@ -558,7 +558,6 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
     let loop_report = crate::lifecycle_loop::loop_stage(
         &server.url(),
         &sft_merged,
-        &dpo_dir,
         &world,
         &data_dir,
         &out.join("loop"),

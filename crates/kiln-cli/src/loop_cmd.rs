@@ -62,7 +62,7 @@ pub struct LoopConfig {
     /// Feedback from this far back (`7d`, `24h`, an RFC 3339 time); default: all of it.
     #[serde(default)]
     pub since: Option<String>,
-    /// Where each round's data, adapter and report go (`OUT/round-…/`).
+    /// Where each round's data, adapter and report go (`OUT/round-<UTC time>/`).
     #[serde(default = "d_out")]
     pub out: PathBuf,
     /// The base model `kiln serve` runs (a directory or hub id).
@@ -274,12 +274,7 @@ pub fn run_round(cfg: &LoopConfig, dry_run: bool) -> Result<RoundReport> {
         },
     };
 
-    let dir = cfg.out.join(format!(
-        "round-{}",
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
-    ));
+    let dir = round_dir(&cfg.out, SystemTime::now());
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
 
     // 1. Export.
@@ -404,6 +399,28 @@ pub fn run_round(cfg: &LoopConfig, dry_run: bool) -> Result<RoundReport> {
     );
     runtime.block_on(registry.close());
     finish(report, started)
+}
+
+/// `OUT/round-YYYYMMDDTHHMMSSZ`, with `-2`, `-3`, … when rounds start within one second.
+fn round_dir(out: &Path, now: SystemTime) -> PathBuf {
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (y, m, d) = kiln_monitor::cost::civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
+    let rem = secs % 86_400;
+    let stamp = format!(
+        "round-{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    );
+    let mut dir = out.join(&stamp);
+    let mut n = 2;
+    while dir.exists() {
+        dir = out.join(format!("{stamp}-{n}"));
+        n += 1;
+    }
+    dir
 }
 
 fn finish(mut report: RoundReport, started: std::time::Instant) -> Result<RoundReport> {
@@ -628,4 +645,20 @@ fn error_message(body: &Value) -> String {
     body.pointer("/error/message")
         .and_then(Value::as_str)
         .map_or_else(|| body.to_string(), str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_in_one_second_get_their_own_directories() {
+        let out = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(86_400 * 365 + 3_723);
+        let first = round_dir(out.path(), at);
+        assert!(first.ends_with("round-19710101T010203Z"), "{first:?}");
+        std::fs::create_dir_all(&first).unwrap_or_else(|e| panic!("{e}"));
+        let second = round_dir(out.path(), at);
+        assert!(second.ends_with("round-19710101T010203Z-2"), "{second:?}");
+    }
 }

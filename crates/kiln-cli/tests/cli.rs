@@ -360,9 +360,41 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
         stages,
         [
             "synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo", "quantize", "serve",
-            "gateway", "guard", "monitor"
+            "gateway", "guard", "monitor", "loop"
         ]
     );
+    // The loop: every feedback accepted, the no_train tenant's left out, no planted value
+    // exported; the poisoned round is never promoted; each decision follows its numbers, and a
+    // promotion put the candidate into the running server.
+    let l = &report["loop"];
+    assert_eq!(l["feedback"]["refused"], 0, "{l}");
+    assert!(l["feedback"]["private"].as_u64().unwrap() > 0, "{l}");
+    assert!(
+        l["honest"]["excluded_no_train"].as_u64().unwrap() > 0,
+        "{l}"
+    );
+    assert_eq!(l["planted_leaked"], false, "{l}");
+    assert!(l["honest"]["pairs"].as_u64().unwrap() >= 8, "{l}");
+    assert_ne!(l["poisoned"]["decision"], "promoted", "{l}");
+    for round in [&l["honest"], &l["poisoned"]] {
+        let promoted = round["decision"] == "promoted";
+        assert!(promoted || round["decision"] == "rejected", "{round}");
+        if promoted {
+            assert!(round["win_rate"].as_f64().unwrap() >= 0.51, "{round}");
+        }
+    }
+    if l["honest"]["decision"] == "promoted" {
+        assert_eq!(l["prod_status"], 200, "{l}");
+        assert!(
+            l["serving_after"].as_str().unwrap().contains("candidate"),
+            "{l}"
+        );
+    } else {
+        assert_ne!(
+            l["prod_status"], 200,
+            "nothing serves `prod` before a promotion: {l}"
+        );
+    }
     // Quantization: 8 bits and Q8_0 stay within 1% of f32's perplexity; at 4 bits GPTQ and AWQ
     // move it less than round-to-nearest does; the chosen model served and answered.
     let quantize = &report["quantize"];
