@@ -32,6 +32,7 @@ use clap::{Args, Subcommand};
 use kiln_gateway::config::GatewayConfig;
 use kiln_gateway::guard::Scrubber;
 use kiln_guard::policy::GuardrailsConfig;
+use kiln_monitor::cost::days_from_civil;
 use kiln_monitor::feedback::{FeedbackExport, FeedbackItem, Thumbs};
 use kiln_monitor::store::{ContentRecord, Store};
 use serde_json::{Value, json};
@@ -460,17 +461,6 @@ fn days_in_month(year: i64, month: i64) -> i64 {
         4 | 6 | 9 | 11 => 30,
         _ => 31,
     }
-}
-
-/// Days from 1970-01-01 to `year`-`month`-`day` (Howard Hinnant's `days_from_civil`).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = if month > 2 { month - 3 } else { month + 9 };
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -265,7 +265,10 @@ pub fn loop_stage(
         })
         .collect();
     counts.refused += runtime.block_on(send_feedback(&client, &url, poison));
-    cfg.since = Some(rfc3339(since));
+    cfg.since = Some(format!(
+        "{}Z",
+        kiln_monitor::cost::utc_time(since).replace(' ', "T")
+    ));
     let poisoned = crate::loop_cmd::run_round(&cfg, false).context("the poisoned round")?;
 
     let serving_after = runtime
@@ -501,22 +504,6 @@ fn write_eval_guardrails(out: &Path, world: &World) -> Result<std::path::PathBuf
     let path = out.join("eval-guardrails.yaml");
     std::fs::write(&path, yaml)?;
     Ok(path)
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ`, rounded down to the second.
-fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let (y, m, d) = kiln_monitor::cost::civil_from_days(days);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 /// The stage's section of `report.md`.

@@ -403,17 +403,15 @@ pub fn run_round(cfg: &LoopConfig, dry_run: bool) -> Result<RoundReport> {
 
 /// `OUT/round-YYYYMMDDTHHMMSSZ`, with `-2`, `-3`, … when rounds start within one second.
 fn round_dir(out: &Path, now: SystemTime) -> PathBuf {
-    let secs = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (y, m, d) = kiln_monitor::cost::civil_from_days(i64::try_from(secs / 86_400).unwrap_or(0));
-    let rem = secs % 86_400;
-    let stamp = format!(
-        "round-{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    );
+    let stamp: String = kiln_monitor::cost::utc_time(now)
+        .chars()
+        .filter_map(|c| match c {
+            '-' | ':' => None,
+            ' ' => Some('T'),
+            c => Some(c),
+        })
+        .collect();
+    let stamp = format!("round-{stamp}Z");
     let mut dir = out.join(&stamp);
     let mut n = 2;
     while dir.exists() {

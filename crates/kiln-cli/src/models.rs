@@ -92,7 +92,7 @@ fn table(models: &[ModelRecord]) -> String {
             "{:>4}{} {:<20} {:<10} {:<11} {:>7} {:>12} {:>12} {:>6} {:<12} {}",
             m.round,
             if serving.contains(&m.round) { "*" } else { " " },
-            utc(m.at),
+            kiln_monitor::cost::utc_time(m.at),
             m.served_name,
             m.decision,
             pct(metric("win_rate")),
@@ -112,22 +112,6 @@ fn table(models: &[ModelRecord]) -> String {
         );
     }
     out
-}
-
-/// `YYYY-MM-DD HH:MM:SS` in UTC.
-fn utc(t: std::time::SystemTime) -> String {
-    let secs = t
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = i64::try_from(secs / 86_400).unwrap_or(0);
-    let (y, m, d) = kiln_monitor::cost::civil_from_days(days);
-    let rem = secs % 86_400;
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
