@@ -50,9 +50,14 @@ struct Served {
 
 impl Served {
     fn start(adapter: &Path) -> Self {
+        Self::start_with(adapter, &[])
+    }
+
+    fn start_with(adapter: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_kiln"))
+            .arg("serve")
+            .args(extra)
             .args([
-                "serve",
                 "--model",
                 testdata().join("hf/llama").to_str().unwrap(),
                 "--adapter",
@@ -302,6 +307,37 @@ fn a_candidate_that_does_not_win_by_the_margin_is_refused_and_one_that_does_is_s
     assert_eq!(json[1]["data_snapshot"].as_str().unwrap().len(), 64);
     assert_eq!(json[1]["metrics"]["win_rate"], 0.5);
     drop(served);
+}
+
+#[test]
+fn a_promotion_that_fails_its_check_is_rolled_back() {
+    // The server wants an API key the loop was not given: the swap succeeds, the request that
+    // checks it is refused, and the previous adapter is put back.
+    let setup = Setup::new(10);
+    let served = Served::start_with(&setup.adapter, &["--api-key", "user-key"]);
+    let before = served.prod();
+    let config = setup.config(&served.url, 0.0);
+    let out = ok(&kiln(&[
+        "loop",
+        "--config",
+        config.to_str().unwrap(),
+        "--json",
+    ]));
+    let round: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(round["decision"], "rolled_back", "{round:#}");
+    let reason = round["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("401") && reason.contains("restored"),
+        "{reason}"
+    );
+    assert_eq!(round["swap"]["swap"]["replaced"], true, "{round:#}");
+    assert_eq!(served.prod(), before, "the previous adapter serves again");
+    let registry = format!("sqlite://{}", setup.dir.path().join("gw.db").display());
+    let table = ok(&kiln(&["models", "list", "--registry", &registry]));
+    assert!(
+        table.contains("rolled_back") && !table.contains('*'),
+        "{table}"
+    );
 }
 
 #[test]
