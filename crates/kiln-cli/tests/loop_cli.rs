@@ -42,6 +42,27 @@ fn ok(out: &Output) -> String {
     String::from_utf8(out.stdout.clone()).unwrap()
 }
 
+/// `kiln loop --config CONFIG --json`: the round's report.
+fn run_loop(config: &Path) -> Value {
+    let out = ok(&kiln(&[
+        "loop",
+        "--config",
+        config.to_str().unwrap(),
+        "--json",
+    ]));
+    serde_json::from_str(&out).unwrap()
+}
+
+/// `kiln models list --registry sqlite://DIR/gw.db`.
+fn models_list(dir: &Path, json: bool) -> String {
+    let registry = format!("sqlite://{}", dir.join("gw.db").display());
+    let mut args = vec!["models", "list", "--registry", registry.as_str()];
+    if json {
+        args.push("--json");
+    }
+    ok(&kiln(&args))
+}
+
 /// `kiln serve` on a free port, stopped when dropped.
 struct Served {
     child: Child,
@@ -230,13 +251,7 @@ fn a_candidate_that_does_not_win_by_the_margin_is_refused_and_one_that_does_is_s
 
     // Ties everywhere: a 0.5 win rate does not clear a 0.2 margin.
     let config = setup.config(&served.url, 0.2);
-    let out = ok(&kiln(&[
-        "loop",
-        "--config",
-        config.to_str().unwrap(),
-        "--json",
-    ]));
-    let round: Value = serde_json::from_str(&out).unwrap();
+    let round = run_loop(&config);
     assert_eq!(round["decision"], "rejected", "{round:#}");
     assert_eq!(round["export"]["rows"], 12);
     assert_eq!(round["evaluation"]["win_rate"], 0.5);
@@ -258,13 +273,7 @@ fn a_candidate_that_does_not_win_by_the_margin_is_refused_and_one_that_does_is_s
 
     // No margin: the candidate is promoted and hot-swapped into the running server.
     let config = setup.config(&served.url, 0.0);
-    let out = ok(&kiln(&[
-        "loop",
-        "--config",
-        config.to_str().unwrap(),
-        "--json",
-    ]));
-    let round: Value = serde_json::from_str(&out).unwrap();
+    let round = run_loop(&config);
     assert_eq!(round["decision"], "promoted", "{round:#}");
     let candidate = round["candidate"].as_str().unwrap();
     let now = served.prod();
@@ -281,8 +290,7 @@ fn a_candidate_that_does_not_win_by_the_margin_is_refused_and_one_that_does_is_s
     assert_eq!(report["decision"], "promoted");
 
     // The registry has both rounds, the promoted one marked as serving.
-    let registry = format!("sqlite://{}", setup.dir.path().join("gw.db").display());
-    let table = ok(&kiln(&["models", "list", "--registry", &registry]));
+    let table = models_list(setup.dir.path(), false);
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 3, "{table}");
     assert!(
@@ -293,14 +301,7 @@ fn a_candidate_that_does_not_win_by_the_margin_is_refused_and_one_that_does_is_s
         lines[2].starts_with("   2*") && lines[2].contains("promoted"),
         "{table}"
     );
-    let json: Value = serde_json::from_str(&ok(&kiln(&[
-        "models",
-        "list",
-        "--registry",
-        &registry,
-        "--json",
-    ])))
-    .unwrap();
+    let json: Value = serde_json::from_str(&models_list(setup.dir.path(), true)).unwrap();
     assert_eq!(json.as_array().unwrap().len(), 2);
     assert_eq!(json[1]["parent"].as_str().unwrap(), before);
     assert_eq!(json[1]["data_rows"], 12);
@@ -317,13 +318,7 @@ fn a_promotion_that_fails_its_check_is_rolled_back() {
     let served = Served::start_with(&setup.adapter, &["--api-key", "user-key"]);
     let before = served.prod();
     let config = setup.config(&served.url, 0.0);
-    let out = ok(&kiln(&[
-        "loop",
-        "--config",
-        config.to_str().unwrap(),
-        "--json",
-    ]));
-    let round: Value = serde_json::from_str(&out).unwrap();
+    let round = run_loop(&config);
     assert_eq!(round["decision"], "rolled_back", "{round:#}");
     let reason = round["reason"].as_str().unwrap();
     assert!(
@@ -332,8 +327,7 @@ fn a_promotion_that_fails_its_check_is_rolled_back() {
     );
     assert_eq!(round["swap"]["swap"]["replaced"], true, "{round:#}");
     assert_eq!(served.prod(), before, "the previous adapter serves again");
-    let registry = format!("sqlite://{}", setup.dir.path().join("gw.db").display());
-    let table = ok(&kiln(&["models", "list", "--registry", &registry]));
+    let table = models_list(setup.dir.path(), false);
     assert!(
         table.contains("rolled_back") && !table.contains('*'),
         "{table}"
@@ -345,18 +339,11 @@ fn too_little_feedback_trains_nothing_and_records_nothing() {
     let setup = Setup::new(3);
     let served = Served::start(&setup.adapter);
     let config = setup.config(&served.url, 0.0);
-    let out = ok(&kiln(&[
-        "loop",
-        "--config",
-        config.to_str().unwrap(),
-        "--json",
-    ]));
-    let round: Value = serde_json::from_str(&out).unwrap();
+    let round = run_loop(&config);
     assert_eq!(round["decision"], "skipped", "{round:#}");
     assert!(round["reason"].as_str().unwrap().contains("min_pairs"));
     assert!(round["round"].is_null());
-    let registry = format!("sqlite://{}", setup.dir.path().join("gw.db").display());
-    let table = ok(&kiln(&["models", "list", "--registry", &registry]));
+    let table = models_list(setup.dir.path(), false);
     assert!(table.contains("no rounds recorded"), "{table}");
 }
 

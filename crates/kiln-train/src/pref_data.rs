@@ -211,6 +211,40 @@ impl fmt::Display for Invalid {
     }
 }
 
+/// One dataset holds one kind of rows: standard text or conversational. Remembers the first
+/// row's kind and refuses a row of the other, naming both rows.
+#[derive(Default)]
+struct OneKind {
+    first: Option<(bool, RowId)>,
+}
+
+impl OneKind {
+    fn check(&mut self, id: &RowId, conversational: bool, what: &str) -> Result<()> {
+        let name = |c: bool| {
+            if c {
+                "conversational"
+            } else {
+                "standard (text)"
+            }
+        };
+        match &self.first {
+            None => self.first = Some((conversational, id.clone())),
+            Some((first, first_id)) if *first != conversational => {
+                return Err(invalid(
+                    id,
+                    format!(
+                        "row is {} {what}, but the dataset is {} (from {first_id}); one dataset holds one kind",
+                        name(conversational),
+                        name(*first)
+                    ),
+                ));
+            }
+            Some(_) => {}
+        }
+        Ok(())
+    }
+}
+
 /// Reads, checks and tokenizes a preference dataset (see the module docs for the rules).
 pub fn load_preference_dataset(
     path: &Path,
@@ -225,34 +259,17 @@ pub fn load_preference_dataset(
     }
     let files = dataset_files(path)?;
     let mut rows: Vec<(RowId, Parsed)> = Vec::new();
-    let mut kind: Option<(bool, RowId)> = None;
+    let mut kind = OneKind::default();
     for file in &files {
         let file: Arc<Path> = Arc::from(file.as_path());
         for_each_row(&file, &mut |id, value| {
             let parsed = parse_row(&id, value)?;
             if let Ok((pair, _)) = &parsed {
-                let conv = matches!(pair, Pair::Messages { .. });
-                match &kind {
-                    None => kind = Some((conv, id.clone())),
-                    Some((first, first_id)) if *first != conv => {
-                        let name = |c: bool| {
-                            if c {
-                                "conversational"
-                            } else {
-                                "standard (text)"
-                            }
-                        };
-                        return Err(invalid(
-                            &id,
-                            format!(
-                                "row is {} preference data, but the dataset is {} (from {first_id}); one dataset holds one kind",
-                                name(conv),
-                                name(*first)
-                            ),
-                        ));
-                    }
-                    Some(_) => {}
-                }
+                kind.check(
+                    &id,
+                    matches!(pair, Pair::Messages { .. }),
+                    "preference data",
+                )?;
             }
             rows.push((id, parsed));
             Ok(())
@@ -264,7 +281,7 @@ pub fn load_preference_dataset(
             path.display()
         )));
     }
-    let conversational = kind.as_ref().is_some_and(|(c, _)| *c);
+    let conversational = kind.first.as_ref().is_some_and(|(c, _)| *c);
     let encoder = PairEncoder::new(tokenizer, conversational, opts.recipe)?;
     let encoded: Vec<Result<(std::result::Result<PreferencePair, Invalid>, bool)>> = rows
         .par_iter()
@@ -652,33 +669,12 @@ impl UnpairedRow {
 pub fn read_unpaired_preferences(path: &Path) -> Result<Vec<UnpairedRow>> {
     let files = dataset_files(path)?;
     let mut rows = Vec::new();
-    let mut kind: Option<(bool, RowId)> = None;
+    let mut kind = OneKind::default();
     for file in &files {
         let file: Arc<Path> = Arc::from(file.as_path());
         for_each_row(&file, &mut |id, value| {
             let row = parse_unpaired_row(&id, value)?;
-            let conv = row.is_conversational();
-            match &kind {
-                None => kind = Some((conv, id.clone())),
-                Some((first, first_id)) if *first != conv => {
-                    let name = |c: bool| {
-                        if c {
-                            "conversational"
-                        } else {
-                            "standard (text)"
-                        }
-                    };
-                    return Err(invalid(
-                        &id,
-                        format!(
-                            "row is {} unpaired preference data, but the dataset is {} (from {first_id}); one dataset holds one kind",
-                            name(conv),
-                            name(*first)
-                        ),
-                    ));
-                }
-                Some(_) => {}
-            }
+            kind.check(&id, row.is_conversational(), "unpaired preference data")?;
             rows.push(row);
             Ok(())
         })?;
