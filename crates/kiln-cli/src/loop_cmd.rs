@@ -473,7 +473,7 @@ fn dpo_config(
 }
 
 /// The admin side of a running `kiln serve`.
-struct Admin {
+pub(crate) struct Admin {
     url: String,
     admin_key: String,
     api_key: Option<String>,
@@ -481,15 +481,15 @@ struct Admin {
 }
 
 /// What a promotion did.
-struct Promotion {
+pub(crate) struct Promotion {
     /// The admin endpoint's answers (the swap, the check, the rollback).
-    answers: Value,
+    pub answers: Value,
     /// Why it was rolled back, when it was.
-    rolled_back: Option<String>,
+    pub rolled_back: Option<String>,
 }
 
 impl Admin {
-    fn new(target: &ServeTarget, client: reqwest::Client) -> Result<Self> {
+    pub(crate) fn new(target: &ServeTarget, client: reqwest::Client) -> Result<Self> {
         let admin_key = match &target.admin_key {
             Some(key) => key.clone(),
             None => std::env::var(&target.admin_key_env).with_context(|| {
@@ -514,7 +514,7 @@ impl Admin {
     }
 
     /// The adapter `name` serves now (`None`: no adapter of that name).
-    async fn serving(&self, name: &str) -> Result<Option<PathBuf>> {
+    pub(crate) async fn serving(&self, name: &str) -> Result<Option<PathBuf>> {
         let url = format!("{}/admin/adapters", self.url);
         let response = self
             .client
@@ -592,7 +592,12 @@ impl Admin {
     }
 
     /// Swaps `name` to `candidate`, checks it, and puts `previous` back if the check fails.
-    async fn promote(&self, name: &str, candidate: &Path, previous: Option<&Path>) -> Promotion {
+    pub(crate) async fn promote(
+        &self,
+        name: &str,
+        candidate: &Path,
+        previous: Option<&Path>,
+    ) -> Promotion {
         let swapped = match self.swap(name, candidate).await {
             Ok(answer) => answer,
             Err(e) => {

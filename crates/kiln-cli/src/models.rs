@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use kiln_monitor::registry::{ModelRecord, PROMOTED};
+use kiln_monitor::registry::{ModelRecord, PROMOTED, ROLLED_BACK};
 use kiln_monitor::store::Store;
 
 #[derive(Subcommand, Debug)]
@@ -11,6 +11,60 @@ pub enum ModelsCommand {
     /// Every round of the feedback loop, oldest first; `*` marks what serves now.
     #[command(after_help = "Example:\n  kiln models list --registry sqlite://kiln-gateway.db")]
     List(ListArgs),
+    /// Put a recorded round's adapter into the running `kiln serve` (hot swap), check it, and
+    /// record it as the one serving.
+    #[command(
+        after_help = "Example:\n  KILN_ADMIN_KEY=… kiln models promote 3 --registry sqlite://kiln-gateway.db --serve http://127.0.0.1:8000"
+    )]
+    Promote(PromoteArgs),
+    /// Put back the adapter that served before the current one (hot swap), check it, and
+    /// record it as the one serving.
+    #[command(
+        after_help = "Example:\n  KILN_ADMIN_KEY=… kiln models rollback --served-name prod --registry sqlite://kiln-gateway.db --serve http://127.0.0.1:8000"
+    )]
+    Rollback(RollbackArgs),
+}
+
+/// Where a manual promotion goes.
+#[derive(Args, Debug)]
+pub struct Target {
+    /// The registry (loop.yaml's `registry`, or its `store`).
+    #[arg(long, value_name = "URL")]
+    registry: String,
+
+    /// The running `kiln serve`, e.g. http://127.0.0.1:8000.
+    #[arg(long, value_name = "URL")]
+    serve: String,
+
+    /// The environment variable holding kiln serve's --admin-key.
+    #[arg(long, default_value = "KILN_ADMIN_KEY", value_name = "VAR")]
+    admin_key_env: String,
+
+    /// The environment variable holding kiln serve's --api-key, if it has one (for the check
+    /// request after the swap).
+    #[arg(long, value_name = "VAR")]
+    api_key_env: Option<String>,
+
+    /// Print the new registry row as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    /// The round whose candidate adapter to serve (`kiln models list`'s first column).
+    round: i64,
+    #[command(flatten)]
+    target: Target,
+}
+
+#[derive(Args, Debug)]
+pub struct RollbackArgs {
+    /// The served name to roll back.
+    #[arg(long, value_name = "NAME")]
+    served_name: String,
+    #[command(flatten)]
+    target: Target,
 }
 
 #[derive(Args, Debug)]
@@ -32,7 +86,124 @@ pub struct ListArgs {
 pub fn run(cmd: ModelsCommand) -> Result<()> {
     match cmd {
         ModelsCommand::List(args) => list(args),
+        ModelsCommand::Promote(args) => {
+            let reason = format!("manual: kiln models promote {}", args.round);
+            swap_to(&args.target, reason, |models| {
+                let m = models
+                    .iter()
+                    .find(|m| m.round == args.round)
+                    .with_context(|| {
+                        format!("round {}: no such round in the registry", args.round)
+                    })?;
+                Ok((m.served_name.clone(), m.adapter.clone(), m.base.clone()))
+            })
+        }
+        ModelsCommand::Rollback(args) => {
+            let name = args.served_name.clone();
+            swap_to(&args.target, String::new(), |models| {
+                let current = models
+                    .iter()
+                    .rev()
+                    .find(|m| m.served_name == name && m.decision == PROMOTED)
+                    .with_context(|| {
+                        format!("--served-name {name}: no promoted round to roll back")
+                    })?;
+                let previous = current.parent.clone().with_context(|| {
+                    format!(
+                        "round {} replaced no adapter (the base served `{name}` alone before it); kiln serve cannot unload a name: restart it without `{name}`",
+                        current.round
+                    )
+                })?;
+                Ok((name.clone(), previous, current.base.clone()))
+            })
+        }
     }
+}
+
+/// Swaps the served name to the adapter `pick` chooses from the registry (`(served_name,
+/// adapter, base)`), checks it, and records the swap as a promoted round (or a rolled-back one
+/// when the check fails and the previous adapter is put back).
+fn swap_to(
+    target: &Target,
+    reason: String,
+    pick: impl FnOnce(&[ModelRecord]) -> Result<(String, String, String)>,
+) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let serve = crate::loop_cmd::ServeTarget {
+        url: target.serve.clone(),
+        admin_key_env: target.admin_key_env.clone(),
+        api_key_env: target.api_key_env.clone(),
+        admin_key: None,
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(600))
+        .build()
+        .context("building the HTTP client")?;
+    let admin = crate::loop_cmd::Admin::new(&serve, client)?;
+    let record = runtime.block_on(async {
+        let store = Store::connect(&target.registry).await?;
+        let models = store.models().await?;
+        let (served_name, adapter, base) = pick(&models)?;
+        let before = admin.serving(&served_name).await?;
+        let reason = if reason.is_empty() {
+            format!(
+                "manual: kiln models rollback from {}",
+                before
+                    .as_deref()
+                    .map_or("nothing".into(), |p| p.display().to_string())
+            )
+        } else {
+            reason
+        };
+        let promotion = admin
+            .promote(
+                &served_name,
+                std::path::Path::new(&adapter),
+                before.as_deref(),
+            )
+            .await;
+        let (decision, reason) = match promotion.rolled_back {
+            Some(why) => (ROLLED_BACK, format!("{reason}: {why}")),
+            None => (PROMOTED, reason),
+        };
+        let mut record = ModelRecord {
+            round: 0,
+            at: std::time::SystemTime::now(),
+            served_name,
+            base,
+            adapter,
+            parent: before.map(|p| p.display().to_string()),
+            data_snapshot: String::new(),
+            data_rows: 0,
+            metrics: serde_json::json!({"swap": promotion.answers}),
+            decision: decision.to_string(),
+            reason,
+        };
+        record.round = store.register_model(&record).await?;
+        store.close().await;
+        anyhow::Ok(record)
+    })?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&record)?);
+    } else {
+        println!(
+            "round {} · {} · {}: {}\n  {}",
+            record.round,
+            record.served_name,
+            record.decision.to_uppercase(),
+            record.adapter,
+            record.reason
+        );
+    }
+    anyhow::ensure!(
+        record.decision == PROMOTED,
+        "the swap did not hold: {}",
+        record.reason
+    );
+    Ok(())
 }
 
 fn list(args: ListArgs) -> Result<()> {

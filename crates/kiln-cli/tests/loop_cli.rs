@@ -307,6 +307,38 @@ fn a_candidate_that_does_not_win_by_the_margin_is_refused_and_one_that_does_is_s
     assert_eq!(json[1]["data_rows"], 12);
     assert_eq!(json[1]["data_snapshot"].as_str().unwrap().len(), 64);
     assert_eq!(json[1]["metrics"]["win_rate"], 0.5);
+
+    // By hand: roll back to what served before, then promote round 2 again.
+    let registry = format!("sqlite://{}", setup.dir.path().join("gw.db").display());
+    let manual = |args: &[&str]| {
+        let mut all = vec!["models"];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--registry", &registry, "--serve", &served.url]);
+        kiln(&all)
+    };
+    let out = ok(&manual(&["rollback", "--served-name", "prod"]));
+    assert!(out.contains("PROMOTED"), "{out}");
+    assert_eq!(served.prod(), before, "the previous adapter serves again");
+    ok(&manual(&["promote", "2"]));
+    assert_eq!(PathBuf::from(served.prod()), PathBuf::from(&now));
+    let table = models_list(setup.dir.path(), false);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 5, "{table}");
+    assert!(
+        lines[3].starts_with("   3 ") && lines[3].contains("prod-adapter"),
+        "{table}"
+    );
+    assert!(
+        lines[4].starts_with("   4*") && lines[4].contains("candidate"),
+        "{table}"
+    );
+    let missing = manual(&["promote", "99"]);
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("round 99: no such round"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
     drop(served);
 }
 
