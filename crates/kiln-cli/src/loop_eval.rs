@@ -230,16 +230,30 @@ pub fn evaluate(
         _ => None,
     };
     let guard = guardrails(s)?;
-    let ppl_ids = perplexity_text(s)?;
+    let ppl_text = perplexity_text(s)?;
+    // Both sides share the base's tokenizer: the text is encoded once.
+    let mut ppl_ids: Option<Vec<u32>> = None;
 
     let mut sides = Vec::new();
     for adapter in [serving, Some(candidate)] {
         let m = load(base, adapter)?;
         let replies = replies(&m, &prompts, s)?;
-        let perplexity = match &ppl_ids {
+        let perplexity = match &ppl_text {
             Some(text) => {
-                let ids = m.tokenizer.encode(text, true)?;
-                let ids = &ids[..ids.len().min(s.perplexity_max_tokens)];
+                let ids = match &ppl_ids {
+                    Some(ids) => ids,
+                    None => {
+                        // Far more characters than the tokens kept need: the rest is not encoded.
+                        let budget = s.perplexity_max_tokens.saturating_mul(32);
+                        let end = text
+                            .char_indices()
+                            .nth(budget)
+                            .map_or(text.len(), |(i, _)| i);
+                        let mut ids = m.tokenizer.encode(&text[..end], true)?;
+                        ids.truncate(s.perplexity_max_tokens);
+                        ppl_ids.insert(ids)
+                    }
+                };
                 let window = m.config.max_position_embeddings;
                 let r = kiln_model::perplexity_with_progress(
                     &m.model,

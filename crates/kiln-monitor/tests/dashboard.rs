@@ -846,6 +846,15 @@ fn element_text<'a>(dom: &'a str, id: &str) -> Option<&'a str> {
     Some(dom[open_end..close].trim())
 }
 
+/// Takes a screenshot of `url` into `shot` (replacing any older one) and decodes it.
+fn screenshot(chromium: &Path, url: &str, shot: &Path, what: &str) -> (u32, u32, Vec<[u8; 3]>) {
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(shot);
+    run_chromium(chromium, &[format!("--screenshot={}", shot.display())], url);
+    println!("{what} screenshot: {}", shot.display());
+    decode_png(shot)
+}
+
 fn decode_png(path: &Path) -> (u32, u32, Vec<[u8; 3]>) {
     let decoder = png::Decoder::new(std::fs::File::open(path).unwrap());
     let mut reader = decoder.read_info().unwrap();
@@ -937,16 +946,7 @@ fn dashboard_renders_in_headless_chromium() {
     );
 
     // The screenshot shows the charts.
-    let shot = screenshot_path();
-    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
-    let _ = std::fs::remove_file(&shot);
-    run_chromium(
-        &chromium,
-        &[format!("--screenshot={}", shot.display())],
-        &with_key,
-    );
-    println!("dashboard screenshot: {}", shot.display());
-    let (w, h, px) = decode_png(&shot);
+    let (w, h, px) = screenshot(&chromium, &with_key, &screenshot_path(), "dashboard");
     assert_eq!((w, h), (1400, 1000));
     let distinct: HashSet<[u8; 3]> = px.iter().copied().collect();
     assert!(distinct.len() > 300, "{} distinct colours", distinct.len());
@@ -1121,16 +1121,12 @@ fn label_page_renders_in_headless_chromium() {
     );
 
     // The screenshot shows the two replies and the buttons.
-    let shot = label_screenshot_path();
-    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
-    let _ = std::fs::remove_file(&shot);
-    run_chromium(
+    let (w, h, px) = screenshot(
         &chromium,
-        &[format!("--screenshot={}", shot.display())],
         &with_key,
+        &label_screenshot_path(),
+        "labelling page",
     );
-    println!("labelling page screenshot: {}", shot.display());
-    let (w, h, px) = decode_png(&shot);
     assert_eq!((w, h), (1400, 1000));
     let blue = px
         .iter()
