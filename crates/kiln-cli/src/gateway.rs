@@ -32,6 +32,9 @@ pub struct GatewayArgs {
     /// Listen here instead of the config's `listen` (HOST:PORT).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
+
+    #[command(flatten)]
+    drain: crate::serve::DrainArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -68,16 +71,26 @@ pub fn run(args: GatewayArgs) -> Result<()> {
     if let Some(listen) = args.listen {
         config.listen = listen;
     }
+    let drain = args.drain.options()?;
+    let shutdown = async {
+        server::shutdown_signal().await;
+        eprintln!(
+            "kiln gateway: stopping: not ready (GET /ready → 503); draining the requests in flight"
+        );
+    };
     server::serve_blocking(
         config,
+        drain,
         |gateway| {
             println!("kiln gateway: {}", gateway.describe());
             // Scripts wait for this line; make sure it is out even when stdout is a pipe.
             let _ = std::io::stdout().flush();
         },
-        server::shutdown_signal(),
+        shutdown,
     )
-    .with_context(|| format!("kiln gateway --config {}", path.display()))
+    .with_context(|| format!("kiln gateway --config {}", path.display()))?;
+    eprintln!("kiln gateway: stopped");
+    Ok(())
 }
 
 fn run_export(args: ExportArgs) -> Result<()> {

@@ -73,10 +73,36 @@ pub struct ServeArgs {
     /// flight finishing on the old weights); GET /admin/adapters lists them. Off without it.
     #[arg(long, value_name = "K", env = "KILN_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
+
+    #[command(flatten)]
+    drain: DrainArgs,
+}
+
+/// How SIGTERM (or Ctrl-C) drains a server: `kiln serve`, `kiln gateway` and `kiln up` take
+/// these.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DrainArgs {
+    /// On SIGTERM, keep serving this long with GET /ready answering 503, so load balancers take
+    /// the instance out of rotation before it stops accepting connections.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0.0)]
+    pub drain_delay: f64,
+
+    /// Then give requests in flight (streams included) this long to finish before cutting them
+    /// off.
+    #[arg(long, value_name = "SECONDS", default_value_t = kiln_http::DEFAULT_SHUTDOWN_TIMEOUT_S)]
+    pub shutdown_timeout: f64,
+}
+
+impl DrainArgs {
+    pub fn options(&self) -> Result<kiln_http::ShutdownOptions> {
+        kiln_http::ShutdownOptions::from_secs(self.drain_delay, self.shutdown_timeout)
+            .map_err(anyhow::Error::msg)
+    }
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
     let addr = resolve(&args.host, args.port)?;
+    let drain = args.drain.options()?;
     let options = ServeOptions {
         adapters: args.adapters,
         served_model_name: args.served_model_name,
@@ -97,11 +123,14 @@ pub fn run(args: ServeArgs) -> Result<()> {
     let state = server::load(&options).context("starting kiln serve")?;
     let shutdown = async {
         server::shutdown_signal().await;
-        eprintln!("kiln serve: shutting down; finishing the requests in flight");
+        eprintln!(
+            "kiln serve: stopping: not ready (GET /ready → 503); draining the requests in flight"
+        );
     };
     server::serve_blocking(
         state,
         addr,
+        drain,
         |server| {
             // Scripts wait for this line: flush it now, stdout may be a pipe.
             let mut stdout = std::io::stdout().lock();
@@ -116,7 +145,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
 
 /// `HOST:PORT` as a socket address; a name is resolved (`localhost`), an IPv6 literal may come
 /// without brackets.
-fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
+pub(crate) fn resolve(host: &str, port: u16) -> Result<SocketAddr> {
     let spec = if host.contains(':') && !host.starts_with('[') {
         format!("[{host}]:{port}")
     } else {

@@ -512,7 +512,17 @@ impl GatewayConfig {
 
     /// Parses YAML `text` (named `path` in errors), with `${ENV}` interpolation.
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let text = interpolate(text, path, |name| std::env::var(name).ok())?;
+        Self::parse_with_env(text, path, |name| std::env::var(name).ok())
+    }
+
+    /// [`GatewayConfig::parse`] with `${NAME}` looked up in `env` instead of the process's
+    /// environment: for checking a deployment's config against the variables it will get.
+    pub fn parse_with_env(
+        text: &str,
+        path: &Path,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let text = interpolate(text, path, env)?;
         let config: Self = serde_yaml_ng::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),

@@ -33,7 +33,7 @@
 //! [`serve_blocking`] does that on a runtime of its own (`kiln gateway` passes
 //! [`shutdown_signal`]); [`GatewayHandle`] runs it on a background thread for synchronous callers.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -68,6 +68,7 @@ use crate::proxy::{Upstreams, spawn_health_checker};
 use crate::store::{Budgets, ContentRecord, RequestRecord, Store};
 use crate::validate::{Endpoint, ValidRequest, Validator, too_large};
 use kiln_guard::policy::{Guardrails, RequestGuard, Violation};
+use kiln_http::{Drained, Readiness, ShutdownOptions};
 
 /// The response header saying whether the cache answered: `hit`, `miss`, or `bypass`
 /// (`Cache-Control: no-store`); absent for a request that cannot be cached.
@@ -87,12 +88,15 @@ const MAX_CAPTURED_CHOICES: usize = 128;
 pub struct BuildOptions {
     /// Time between health checks of the upstreams.
     pub health_interval: Duration,
+    /// How a stop drains ([`Gateway::run`]).
+    pub shutdown: ShutdownOptions,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         Self {
             health_interval: DEFAULT_HEALTH_INTERVAL,
+            shutdown: ShutdownOptions::default(),
         }
     }
 }
@@ -121,6 +125,8 @@ struct Inner {
     requests: AtomicU64,
     /// Requests past validation whose accounting (metrics, budget, trace) has not finished.
     unaccounted: Arc<AtomicU64>,
+    /// False once a stop began: `GET /ready` answers 503 while requests drain.
+    readiness: Readiness,
 }
 
 impl std::fmt::Debug for GatewayState {
@@ -191,6 +197,11 @@ impl GatewayState {
     /// The PII scrubber built from `guardrails` (custom patterns and allow-list included).
     pub(crate) fn scrubber(&self) -> &Scrubber {
         &self.inner.scrubber
+    }
+
+    /// Whether the gateway takes traffic (`GET /ready`); a stop sets it draining.
+    pub fn readiness(&self) -> &Readiness {
+        &self.inner.readiness
     }
 
     pub fn config(&self) -> &GatewayConfig {
@@ -268,6 +279,7 @@ pub async fn build_with(
             scrubber,
             requests: AtomicU64::new(0),
             unaccounted: Arc::new(AtomicU64::new(0)),
+            readiness: Readiness::new(),
         }),
     };
     Ok((router(state.clone()), state))
@@ -288,6 +300,8 @@ pub fn router(state: GatewayState) -> Router {
         )
         .route("/v1/models", get(list_models))
         .route("/health", get(health))
+        .route("/live", get(live))
+        .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/dashboard", get(dashboard_page))
         .route("/dashboard/data", get(dashboard_data))
@@ -299,7 +313,7 @@ pub fn router(state: GatewayState) -> Router {
         .route("/dashboard/label/next", get(crate::feedback::label_next))
         .fallback(|req: Request| async move {
             ApiError::not_found(format!(
-                "no route {} {}; the gateway serves POST /v1/chat/completions, POST /v1/completions, POST /v1/feedback, GET /v1/models, GET /health, GET /metrics, GET /dashboard and GET /dashboard/label",
+                "no route {} {}; the gateway serves POST /v1/chat/completions, POST /v1/completions, POST /v1/feedback, GET /v1/models, GET /health, GET /live, GET /ready, GET /metrics, GET /dashboard and GET /dashboard/label",
                 req.method(),
                 req.uri().path()
             ))
@@ -364,6 +378,29 @@ async fn health(State(state): State<GatewayState>) -> Response {
     let body =
         json!({"status": if any { "ok" } else { "no healthy upstream" }, "upstreams": upstreams});
     (status, axum::Json(body)).into_response()
+}
+
+/// Liveness: 200 while the process answers, whatever its upstreams do (a Kubernetes liveness
+/// probe must not restart a gateway for an upstream's outage).
+async fn live() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: 200 while the gateway should get traffic; 503 `draining` once a stop began, and
+/// 503 `no healthy upstream` while every upstream is out of rotation.
+async fn ready(State(state): State<GatewayState>) -> Response {
+    let status = if !state.inner.readiness.is_ready() {
+        "draining"
+    } else if !state.inner.upstreams.all().iter().any(|u| u.is_healthy()) {
+        "no healthy upstream"
+    } else {
+        return axum::Json(json!({"status": "ready"})).into_response();
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({"status": status})),
+    )
+        .into_response()
 }
 
 async fn list_models(State(state): State<GatewayState>, headers: HeaderMap) -> Response {
@@ -1362,6 +1399,7 @@ pub struct Gateway {
     addr: SocketAddr,
     router: Router,
     state: GatewayState,
+    shutdown: ShutdownOptions,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -1379,6 +1417,7 @@ impl Gateway {
     /// [`Gateway::bind`] with explicit options.
     pub async fn bind_with(config: GatewayConfig, options: BuildOptions) -> anyhow::Result<Self> {
         let listen = config.listen.clone();
+        let shutdown = options.shutdown;
         let (router, state) = build_with(config, options).await?;
         let listener = tokio::net::TcpListener::bind(&listen)
             .await
@@ -1391,7 +1430,14 @@ impl Gateway {
             addr,
             router,
             state,
+            shutdown,
         })
+    }
+
+    /// How a stop drains (default: no delay, 30 s for requests in flight).
+    pub fn with_shutdown(mut self, shutdown: ShutdownOptions) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -1412,8 +1458,9 @@ impl Gateway {
         )
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests
-    /// (streams included) finish.
+    /// Serves until `shutdown` resolves, then drains ([`kiln_http`]): `/ready` answers 503 at
+    /// once, the listener closes after the drain delay, and requests in flight (streams
+    /// included) finish or are cut off at the deadline; then the last traces are written.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -1423,10 +1470,25 @@ impl Gateway {
         let listener = self.listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        axum::serve(listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| anyhow::anyhow!("serving: {e}"))?;
+        let router = self.router;
+        let drained = kiln_http::serve_until(
+            shutdown,
+            &self.state.inner.readiness,
+            self.shutdown,
+            |close| {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(close)
+                    .into_future()
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("serving: {e}"))?;
+        if drained == Drained::CutOff {
+            eprintln!(
+                "kiln gateway: requests still in flight after the {:.0} s shutdown timeout were cut off",
+                self.shutdown.timeout.as_secs_f64()
+            );
+        }
         // The last requests' accounting tasks may still be queueing their traces.
         self.state.settle(SETTLE_TIMEOUT).await;
         self.state.inner.store.close().await;
@@ -1434,10 +1496,12 @@ impl Gateway {
     }
 }
 
-/// Builds, binds and serves `config` on a tokio runtime of its own until `shutdown` resolves;
-/// `on_bound` runs once the port is bound. `kiln gateway` passes [`shutdown_signal`].
+/// Builds, binds and serves `config` on a tokio runtime of its own until `shutdown` resolves,
+/// then drains as `drain` says; `on_bound` runs once the port is bound. `kiln gateway` passes
+/// [`shutdown_signal`].
 pub fn serve_blocking(
     config: GatewayConfig,
+    drain: ShutdownOptions,
     on_bound: impl FnOnce(&Gateway),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -1446,35 +1510,14 @@ pub fn serve_blocking(
         .thread_name("kiln-gateway-worker")
         .build()?;
     runtime.block_on(async move {
-        let gateway = Gateway::bind(config).await?;
+        let gateway = Gateway::bind(config).await?.with_shutdown(drain);
         on_bound(&gateway);
         gateway.run(shutdown).await
     })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-}
+pub use kiln_http::stop_signal as shutdown_signal;
 
 /// A gateway running on its own thread and tokio runtime, for synchronous callers (the
 /// lifecycle command, tests). Dropping the handle asks it to shut down without waiting;

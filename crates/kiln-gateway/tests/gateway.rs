@@ -209,9 +209,15 @@ struct Running {
 async fn start_gateway_with(upstreams: &str, extra: &str, health_interval: Duration) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), upstreams, extra);
-    let gateway = Gateway::bind_with(cfg, BuildOptions { health_interval })
-        .await
-        .unwrap();
+    let gateway = Gateway::bind_with(
+        cfg,
+        BuildOptions {
+            health_interval,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let url = format!("http://{}", gateway.local_addr());
     tokio::spawn(gateway.run(std::future::pending()));
     Running {

@@ -148,6 +148,7 @@ guardrails:
         cfg,
         BuildOptions {
             health_interval: Duration::from_secs(30),
+            ..Default::default()
         },
     )
     .await

@@ -21,6 +21,8 @@ use crate::api::{admin, handlers};
         handlers::tokenize,
         handlers::detokenize,
         handlers::health,
+        handlers::live,
+        handlers::ready,
         handlers::metrics,
         handlers::openapi_json,
         admin::load_adapter,

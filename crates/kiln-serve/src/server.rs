@@ -11,13 +11,14 @@
 //!   without one (the lifecycle command, tests): [`ServerHandle::start`] returns once the port
 //!   is bound, [`ServerHandle::shutdown`] drains and joins.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::serve::ListenerExt;
 use candle_core::{DType, Device};
+use kiln_http::{Drained, ShutdownOptions};
 use kiln_model::{CausalLm, LoadOptions, LoadedModel, LoraAdapter};
 use tokio::sync::oneshot;
 
@@ -220,6 +221,7 @@ pub struct Server {
     listener: tokio::net::TcpListener,
     addr: SocketAddr,
     state: AppState,
+    shutdown: ShutdownOptions,
 }
 
 impl Server {
@@ -235,7 +237,14 @@ impl Server {
             listener,
             addr,
             state,
+            shutdown: ShutdownOptions::default(),
         })
+    }
+
+    /// How a stop drains (default: no delay, 30 s for requests in flight).
+    pub fn with_shutdown(mut self, shutdown: ShutdownOptions) -> Self {
+        self.shutdown = shutdown;
+        self
     }
 
     /// The address actually bound.
@@ -258,13 +267,15 @@ impl Server {
         )
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting, waits for in-flight requests
-    /// (streams included) and stops the engine.
+    /// Serves until `shutdown` resolves, then drains ([`kiln_http`]): `/ready` answers 503 at
+    /// once, the listener closes after the drain delay, requests in flight (streams included)
+    /// finish or are cut off at the deadline, and the engine stops.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
         let engine = self.state.engine().clone();
+        let readiness = self.state.readiness().clone();
         let app = api::router(self.state);
         // Each token goes out as its own small write: without TCP_NODELAY, Nagle's algorithm
         // holds it until the previous one is acknowledged, and delayed ACKs make that up to
@@ -272,20 +283,30 @@ impl Server {
         let listener = self.listener.tap_io(|tcp| {
             let _ = tcp.set_nodelay(true);
         });
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = kiln_http::serve_until(shutdown, &readiness, self.shutdown, |close| {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(close)
+                .into_future()
+        })
+        .await;
         engine.shutdown();
-        served.map_err(ServeError::Io)
+        if served.as_ref().is_ok_and(|d| *d == Drained::CutOff) {
+            eprintln!(
+                "kiln serve: requests still in flight after the {:.0} s shutdown timeout were cut off",
+                self.shutdown.timeout.as_secs_f64()
+            );
+        }
+        served.map(|_| ()).map_err(ServeError::Io)
     }
 }
 
-/// Serves `state` on `addr` on a tokio runtime of its own until `shutdown` resolves (see
-/// [`Server::run`]), for callers without a runtime; `on_bound` runs once the port is bound.
-/// `kiln serve` passes [`shutdown_signal`].
+/// Serves `state` on `addr` on a tokio runtime of its own until `shutdown` resolves, then
+/// drains as `drain` says (see [`Server::run`]), for callers without a runtime; `on_bound` runs
+/// once the port is bound. `kiln serve` passes [`shutdown_signal`].
 pub fn serve_blocking(
     state: AppState,
     addr: SocketAddr,
+    drain: ShutdownOptions,
     on_bound: impl FnOnce(&Server),
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -294,36 +315,14 @@ pub fn serve_blocking(
         .thread_name("kiln-serve-worker")
         .build()?;
     runtime.block_on(async move {
-        let server = Server::bind(state, addr).await?;
+        let server = Server::bind(state, addr).await?.with_shutdown(drain);
         on_bound(&server);
         server.run(shutdown).await
     })
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        // If the handler cannot be installed, Ctrl-C keeps its default (kill) behaviour.
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sigterm) => {
-                sigterm.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
-}
+pub use kiln_http::stop_signal as shutdown_signal;
 
 /// A server running on its own thread and tokio runtime, for synchronous callers.
 ///
@@ -346,6 +345,15 @@ impl ServerHandle {
     /// Serves an already loaded state on `addr`; returns once the port is bound. Safe to call
     /// from inside another tokio runtime (the server gets its own, on its own thread).
     pub fn spawn(state: AppState, addr: SocketAddr) -> Result<Self, ServeError> {
+        Self::spawn_with(state, addr, ShutdownOptions::default())
+    }
+
+    /// [`ServerHandle::spawn`], draining as `drain` says when shut down.
+    pub fn spawn_with(
+        state: AppState,
+        addr: SocketAddr,
+        drain: ShutdownOptions,
+    ) -> Result<Self, ServeError> {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let thread_state = state.clone();
@@ -365,7 +373,7 @@ impl ServerHandle {
                 };
                 runtime.block_on(async move {
                     let server = match Server::bind(thread_state, addr).await {
-                        Ok(server) => server,
+                        Ok(server) => server.with_shutdown(drain),
                         Err(e) => {
                             let _ = ready_tx.send(Err(e));
                             return Ok(());

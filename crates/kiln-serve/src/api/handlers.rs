@@ -211,6 +211,35 @@ pub async fn health() -> StatusCode {
     StatusCode::OK
 }
 
+/// Liveness: 200 while the process answers (a Kubernetes liveness probe).
+#[utoipa::path(get, path = "/live", tag = "ops", responses((status = 200, description = "The process answers")))]
+pub async fn live() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: 200 while the server takes traffic; 503 once a stop (SIGTERM) began and the
+/// requests in flight drain, so load balancers and Kubernetes stop sending new ones.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "ops",
+    responses(
+        (status = 200, description = "Ready for traffic"),
+        (status = 503, description = "Draining before shutdown"),
+    ),
+)]
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.readiness().is_ready() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "draining"})),
+        )
+            .into_response()
+    }
+}
+
 /// Prometheus metrics (`kiln:` prefix, vLLM's names).
 #[utoipa::path(
     get,

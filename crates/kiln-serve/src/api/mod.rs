@@ -79,6 +79,8 @@ struct Inner {
     spelling: TokenSpelling,
     /// Server start, Unix seconds (the models' `created`).
     created: u64,
+    /// False once a stop began: `GET /ready` answers 503 while requests drain.
+    readiness: kiln_http::Readiness,
 }
 
 impl AppState {
@@ -104,8 +106,14 @@ impl AppState {
                 swap_lock: tokio::sync::Mutex::new(()),
                 spelling,
                 created,
+                readiness: kiln_http::Readiness::new(),
             }),
         }
+    }
+
+    /// Whether the server takes traffic (`GET /ready`); a stop sets it draining.
+    pub fn readiness(&self) -> &kiln_http::Readiness {
+        &self.inner.readiness
     }
 
     pub fn engine(&self) -> &EngineHandle {
@@ -272,6 +280,8 @@ pub fn router(state: AppState) -> Router {
         .merge(protected)
         .merge(admin_routes)
         .route("/health", get(handlers::health))
+        .route("/live", get(handlers::live))
+        .route("/ready", get(handlers::ready))
         .route("/metrics", get(handlers::metrics))
         .route("/openapi.json", get(handlers::openapi_json))
         .fallback(handlers::not_found)
