@@ -15,7 +15,9 @@
 //! `gateway` (`kiln gateway` in front of that server: a keyed request, refused ones, a cache hit
 //! and a rate-limited burst), `guard` (the guard classifier and a guarded gateway replaying
 //! attacks and personal data) and `monitor` (confidence calibrated against the world's rules,
-//! drift caught on shifted traffic, cost per token). Later stages add themselves to [`run`].
+//! drift caught on shifted traffic, cost per token), `loop` (feedback → DPO → evaluation → hot
+//! swap) and `deploy` (two replicas behind the gateway, one drained mid-load with nothing lost,
+//! and a draining gateway). Later stages add themselves to [`run`].
 
 use std::fmt::Write as _;
 use std::io::IsTerminal;
@@ -72,6 +74,7 @@ struct Report {
     monitor: Option<crate::lifecycle_monitor::MonitorStageReport>,
     #[serde(rename = "loop")]
     loop_round: Option<crate::lifecycle_loop::LoopStageReport>,
+    deploy: Option<crate::lifecycle_deploy::DeployStageReport>,
 }
 
 #[derive(Debug, Serialize)]
@@ -99,7 +102,7 @@ struct RewardReport {
 }
 
 /// The stages `kiln lifecycle` runs.
-const STAGES: usize = 13;
+const STAGES: usize = 14;
 
 #[derive(Debug, Serialize)]
 struct DpoReport {
@@ -222,6 +225,7 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         "quantized",
         "gateway",
         "loop",
+        "deploy",
     ] {
         let p = out.join(sub);
         if p.exists() {
@@ -573,6 +577,53 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         crate::lifecycle_loop::headline(&loop_report),
     );
 
+    // 14. Deployment: two replicas behind the gateway, one drained mid-load; the gateway drained
+    // with a stream in flight.
+    let t = Instant::now();
+    let deploy_report = crate::lifecycle_deploy::deploy_stage(
+        &sft_merged,
+        "sft",
+        &[("dpo", &dpo_dir), ("ppo", &ppo_dir)],
+        "dpo",
+        &out.join("deploy"),
+        args.quick,
+    )
+    .context("stage deploy")?;
+    finish_stage(
+        &mut stages,
+        "deploy",
+        t,
+        crate::lifecycle_deploy::headline(&deploy_report),
+    );
+
+    // `kiln up` serves what this run trained, by default: the SFT model with the aligned
+    // adapters, and the loop's promoted candidate as `prod`.
+    let mut adapters = vec![
+        crate::up::LastAdapter {
+            name: "dpo".into(),
+            path: dpo_dir.clone(),
+        },
+        crate::up::LastAdapter {
+            name: "ppo".into(),
+            path: ppo_dir.clone(),
+        },
+    ];
+    if let Some(prod) = loop_report.serving_after.as_deref().map(PathBuf::from)
+        && prod.is_dir()
+    {
+        adapters.push(crate::up::LastAdapter {
+            name: "prod".into(),
+            path: prod,
+        });
+    }
+    let last = crate::up::LastModel {
+        out: out.clone(),
+        model: sft_merged.clone(),
+        served_model_name: "sft".into(),
+        adapters,
+    };
+    let recorded = last.record();
+
     let report = Report {
         quick: args.quick,
         seed: args.seed,
@@ -588,10 +639,24 @@ pub fn run(args: LifecycleArgs) -> Result<()> {
         guard: Some(guard_report),
         monitor: Some(monitor_report),
         loop_round: Some(loop_report),
+        deploy: Some(deploy_report),
     };
     write_report(out, &report, total.elapsed().as_secs_f64())?;
     println!("{}", summary_table(&report));
     println!("report: {}", out.join("report.md").display());
+    match recorded {
+        Ok(Some(path)) => println!(
+            "kiln up now serves this model (sft, adapters {}): recorded in {}",
+            last.adapters
+                .iter()
+                .map(|a| a.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            path.display()
+        ),
+        Ok(None) => {}
+        Err(e) => eprintln!("warning: kiln up will not find this model by itself: {e:#}"),
+    }
     Ok(())
 }
 
@@ -1146,6 +1211,9 @@ fn write_report(out: &Path, report: &Report, wall: f64) -> Result<()> {
     }
     if let Some(l) = &report.loop_round {
         md.push_str(&crate::lifecycle_loop::markdown(l));
+    }
+    if let Some(d) = &report.deploy {
+        md.push_str(&crate::lifecycle_deploy::markdown(d));
     }
     let md_path = out.join("report.md");
     std::fs::write(&md_path, md).with_context(|| format!("writing {}", md_path.display()))?;

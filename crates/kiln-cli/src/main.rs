@@ -14,8 +14,10 @@ mod feedback;
 mod gateway;
 mod generate;
 mod guard;
+mod healthcheck;
 mod info;
 mod lifecycle;
+mod lifecycle_deploy;
 mod lifecycle_gateway;
 mod lifecycle_guard;
 mod lifecycle_loop;
@@ -35,6 +37,7 @@ mod quantize;
 mod reward;
 mod serve;
 mod sft;
+mod up;
 
 use std::process::ExitCode;
 
@@ -98,6 +101,9 @@ enum Command {
     Dpo(dpo::DpoArgs),
     /// RLHF with PPO against a reward model or a rule reward.
     Ppo(ppo::PpoArgs),
+    /// A working local stack in one command: the inference service and the gateway in one
+    /// process, with a dev API key, the dashboard and traces in SQLite.
+    Up(up::UpArgs),
     /// Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API.
     Serve(serve::ServeArgs),
     /// An API gateway in front of OpenAI-compatible upstreams: auth, rate limits, validation,
@@ -121,6 +127,8 @@ enum Command {
     /// The model registry: every round of `kiln loop`, with its data, metrics and decision.
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// Exit 0 when a URL (a service's /live or /ready) answers 2xx: the container HEALTHCHECK.
+    Healthcheck(healthcheck::HealthcheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -142,6 +150,7 @@ fn main() -> ExitCode {
         Command::Reward(args) => reward::run(args),
         Command::Dpo(args) => dpo::run(args),
         Command::Ppo(args) => ppo::run(args),
+        Command::Up(args) => up::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Gateway(args) => gateway::run(args),
         Command::Guard(cmd) => guard::run(cmd),
@@ -149,6 +158,7 @@ fn main() -> ExitCode {
         Command::Feedback(cmd) => feedback::run(cmd),
         Command::Loop(args) => loop_cmd::run(args),
         Command::Models(cmd) => models::run(cmd),
+        Command::Healthcheck(args) => healthcheck::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -336,12 +336,17 @@ fn half_precision_compute_runs() {
 #[test]
 fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
     let out = tempfile::tempdir().unwrap();
-    let run = kiln(&[
-        "lifecycle",
-        "--quick",
-        "--out",
-        out.path().to_str().unwrap(),
-    ]);
+    let state = tempfile::tempdir().unwrap();
+    let run = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args([
+            "lifecycle",
+            "--quick",
+            "--out",
+            out.path().to_str().unwrap(),
+        ])
+        .env("XDG_STATE_HOME", state.path())
+        .output()
+        .expect("kiln runs");
     assert!(
         run.status.success(),
         "{}",
@@ -360,9 +365,42 @@ fn lifecycle_quick_runs_every_stage_and_writes_a_report() {
         stages,
         [
             "synth", "pretrain", "sample", "sft", "reward", "dpo", "ppo", "quantize", "serve",
-            "gateway", "guard", "monitor", "loop"
+            "gateway", "guard", "monitor", "loop", "deploy"
         ]
     );
+    // Deployment: a replica drained mid-load loses no request; a draining gateway drops
+    // readiness, still serves, and lets its stream finish.
+    let d = &report["deploy"];
+    assert_eq!(d["lost"], 0, "{d}");
+    assert!(
+        d["per_replica"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n.as_u64().unwrap() > 0),
+        "{d}"
+    );
+    assert_eq!(d["served_while_draining"], 200, "{d}");
+    assert_eq!(d["stream_finished"], true, "{d}");
+    // kiln up finds what the lifecycle trained.
+    let last: Value = serde_json::from_str(
+        &std::fs::read_to_string(state.path().join("kiln/last-lifecycle.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(last["served_model_name"], "sft", "{last}");
+    assert!(
+        Path::new(last["model"].as_str().unwrap())
+            .join("config.json")
+            .is_file(),
+        "{last}"
+    );
+    let names: Vec<&str> = last["adapters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(&names[..2], ["dpo", "ppo"], "{last}");
     // The loop: every feedback accepted, the no_train tenant's left out, no planted value
     // exported; the poisoned round is never promoted; each decision follows its numbers, and a
     // promotion put the candidate into the running server.
