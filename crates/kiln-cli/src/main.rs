@@ -5,6 +5,8 @@
 
 mod bench;
 mod data;
+#[cfg(test)]
+mod deploy_check;
 mod dpo;
 mod eval;
 mod eval_logps;
