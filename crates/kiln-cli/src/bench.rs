@@ -62,6 +62,12 @@ pub struct ServeArgs {
     #[arg(long, value_name = "K", env = "OPENAI_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
 
+    /// The server whose POST /tokenize measures the prompts (default: --url). Benchmarking
+    /// through a gateway (no /tokenize), pass the inference server's URL, so the prompts match
+    /// a direct run's.
+    #[arg(long, value_name = "U")]
+    tokenize_url: Option<String>,
+
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -87,6 +93,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         },
         seed: args.seed,
         api_key: args.api_key,
+        tokenize_url: args.tokenize_url,
     };
     let bar = if std::io::stderr().is_terminal() {
         indicatif::ProgressBar::new(cfg.requests as u64).with_style(

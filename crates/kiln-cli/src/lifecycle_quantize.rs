@@ -113,6 +113,7 @@ pub fn quantize_stage(
             endpoint: Endpoint::Completions,
             seed: 0,
             api_key: None,
+            tokenize_url: None,
         })
         .context("kiln bench serve")?;
         anyhow::ensure!(

@@ -215,6 +215,7 @@ fn config(url: String, concurrency: usize, requests: usize) -> BenchConfig {
         endpoint: Endpoint::Completions,
         seed: 1,
         api_key: None,
+        tokenize_url: None,
     }
 }
 
@@ -408,6 +409,48 @@ async fn without_usage_tokens_come_from_tokenize_or_an_estimate() {
     for (_, body) in seen.bodies.lock().unwrap().iter() {
         assert_eq!(body["prompt"].as_str().unwrap().split(' ').count(), 32);
     }
+}
+
+/// Through a gateway (no `/tokenize`), `tokenize_url` names the inference server that measures
+/// the prompts: the gateway then gets the prompts a direct run sends.
+#[tokio::test]
+async fn prompts_are_measured_where_tokenize_url_says() {
+    let gateway = Fake {
+        usage: false,
+        tokenize: false,
+        ..Fake::default()
+    };
+    let sent = gateway.seen.clone();
+    let server = Fake::default();
+    let measured = server.seen.clone();
+    let server_url = serve(server).await;
+    let direct_prompts = |seen: &Seen| -> Vec<Value> {
+        seen.bodies
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(_, b)| b["prompt"].clone())
+            .collect()
+    };
+    let cfg = BenchConfig {
+        tokenize_url: Some(format!("{server_url}/v1")),
+        ..config(serve(gateway).await, 2, 4)
+    };
+    let r = run_bench(&cfg, |_, _| {}).await.unwrap();
+    assert_eq!(r.input_tokens_source, InputTokenSource::Tokenize, "{r}");
+    assert_eq!(r.total_input_tokens, 4 * 33);
+    assert_eq!(measured.tokenize_calls.load(Ordering::SeqCst), 5);
+    // The same prompts as a run straight against the server.
+    let direct = Fake::default();
+    let seen_direct = direct.seen.clone();
+    run_bench(&config(serve(direct).await, 2, 4), |_, _| {})
+        .await
+        .unwrap();
+    let mut through = direct_prompts(&sent);
+    let mut straight = direct_prompts(&seen_direct);
+    through.sort_by_key(Value::to_string);
+    straight.sort_by_key(Value::to_string);
+    assert_eq!(through, straight);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,6 +88,10 @@ pub struct BenchConfig {
     pub seed: u64,
     /// Sent as `Authorization: Bearer …` when set.
     pub api_key: Option<String>,
+    /// The server whose `POST /tokenize` measures the prompts (default: `url`). Through a
+    /// gateway, which has no `/tokenize`, pass the inference server's URL: the prompts are then
+    /// the ones a direct run sends, and the two runs compare.
+    pub tokenize_url: Option<String>,
 }
 
 impl Default for BenchConfig {
@@ -102,6 +106,7 @@ impl Default for BenchConfig {
             endpoint: Endpoint::Completions,
             seed: 0,
             api_key: None,
+            tokenize_url: None,
         }
     }
 }
@@ -120,6 +125,12 @@ pub enum BenchError {
     Runtime(#[source] std::io::Error),
     #[error("a benchmark worker panicked: {0}")]
     Worker(String),
+}
+
+/// `url` without a trailing `/` or `/v1`.
+fn base_of(url: &str) -> &str {
+    let url = url.trim_end_matches('/');
+    url.strip_suffix("/v1").unwrap_or(url)
 }
 
 impl BenchConfig {
@@ -145,13 +156,22 @@ impl BenchConfig {
         if !(self.url.starts_with("http://") || self.url.starts_with("https://")) {
             return invalid("url", "must start with http:// or https://");
         }
+        if let Some(url) = &self.tokenize_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return invalid("tokenize_url", "must start with http:// or https://");
+        }
         Ok(())
     }
 
     /// `http(s)://host:port`, without a trailing `/` or `/v1`.
     fn base_url(&self) -> &str {
-        let url = self.url.trim_end_matches('/');
-        url.strip_suffix("/v1").unwrap_or(url)
+        base_of(&self.url)
+    }
+
+    /// Where the prompts are measured: [`BenchConfig::tokenize_url`], else the server's.
+    fn tokenize_base(&self) -> &str {
+        base_of(self.tokenize_url.as_deref().unwrap_or(&self.url))
     }
 }
 
@@ -179,7 +199,7 @@ pub async fn run_bench(
                 reason,
             })?,
     };
-    let prompts = prompts::prepare(&client, &base, &model, cfg).await;
+    let prompts = prompts::prepare(&client, cfg.tokenize_base(), &model, cfg).await;
     let prompt_source = prompts
         .first()
         .map_or(InputTokenSource::Estimate, |p| p.source);
