@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use kiln_gateway::config::GatewayConfig;
 use kiln_gateway::server::{BuildOptions, GatewayHandle};
 use kiln_http::ShutdownOptions;
-use kiln_serve::server::{AdapterSpec, ServeOptions, ServerHandle};
+use kiln_serve::server::ServerHandle;
 use serde::Serialize;
 use serde_json::json;
 
@@ -32,7 +32,8 @@ const CONCURRENCY: usize = 8;
 #[derive(Debug, Serialize)]
 pub struct DeployStageReport {
     pub replicas: usize,
-    /// Chat requests sent through the gateway, and how many got a 200.
+    /// Chat requests sent through the gateway (a third of the planned number before the stop,
+    /// those sent while the replica drained, a third after it was gone), and how many got a 200.
     pub requests: usize,
     pub answered: usize,
     pub lost: usize,
@@ -63,15 +64,7 @@ pub fn deploy_stage(
     quick: bool,
 ) -> Result<DeployStageReport> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let mut options = ServeOptions::new(base.to_string_lossy());
-    options.served_model_name = Some(base_name.to_string());
-    options.adapters = adapters
-        .iter()
-        .map(|(name, dir)| AdapterSpec {
-            name: name.to_string(),
-            dir: dir.to_path_buf(),
-        })
-        .collect();
+    let options = crate::lifecycle_serve::serve_options(base, base_name, adapters);
     let replica_drain = ShutdownOptions {
         drain_delay: Duration::from_millis(200),
         timeout: Duration::from_secs(30),
@@ -124,6 +117,7 @@ pub fn deploy_stage(
     )
     .context("starting kiln gateway")?;
     let url = gateway.url();
+    // Planned: a third before the stop, some during it, a third after.
     let requests = if quick { 48 } else { 96 };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -143,20 +137,33 @@ pub fn deploy_stage(
             }))
     };
 
-    // 1. A steady load; a third of the way in, the first replica is stopped and drains.
-    let answered = Arc::new(AtomicUsize::new(0));
+    // 1. A steady load. After a third of the planned requests the first replica is stopped
+    //    (readiness drops, it drains, its listener closes); the load goes on through the stop
+    //    and for another third once the replica is gone, all of which the survivor must take.
+    let third = requests / 3;
     let sent = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    // Requests sent after the first replica was gone; usize::MAX while it still runs.
+    let after_stop = Arc::new(AtomicUsize::new(usize::MAX));
     let first = replicas.remove(0);
-    let (stopped_after, stopper) = runtime.block_on(async {
+    let stopped_after = runtime.block_on(async {
         let workers: Vec<_> = (0..CONCURRENCY)
             .map(|_| {
-                let (sent, answered) = (sent.clone(), answered.clone());
+                let (sent, answered, after_stop) =
+                    (sent.clone(), answered.clone(), after_stop.clone());
                 let request = chat(16, false);
                 tokio::spawn(async move {
-                    while sent.fetch_add(1, Ordering::Relaxed) < requests {
+                    loop {
+                        let after = after_stop.load(Ordering::Relaxed);
+                        if after != usize::MAX
+                            && after_stop.fetch_add(1, Ordering::Relaxed) >= third
+                        {
+                            break;
+                        }
                         let Some(request) = request.try_clone() else {
                             break;
                         };
+                        sent.fetch_add(1, Ordering::Relaxed);
                         if let Ok(r) = request.send().await
                             && r.status().is_success()
                             && r.bytes().await.is_ok()
@@ -167,22 +174,24 @@ pub fn deploy_stage(
                 })
             })
             .collect();
-        while answered.load(Ordering::Relaxed) < requests / 3
-            && !workers.iter().all(|w| w.is_finished())
+        // (A gateway that answers nothing still ends the stage, with everything counted lost.)
+        while answered.load(Ordering::Relaxed) < third
+            && sent.load(Ordering::Relaxed) < 4 * requests
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let stopped_after = answered.load(Ordering::Relaxed);
-        let stopper = std::thread::spawn(move || first.shutdown());
+        let stopped = tokio::task::spawn_blocking(move || first.shutdown()).await;
+        after_stop.store(0, Ordering::Relaxed);
         for w in workers {
             let _ = w.await;
         }
-        (stopped_after, stopper)
-    });
-    stopper
-        .join()
-        .map_err(|_| anyhow::anyhow!("the replica's thread panicked"))?
-        .context("stopping the first replica")?;
+        let stopped =
+            stopped.map_err(|_| anyhow::anyhow!("stopping the first replica panicked"))?;
+        stopped.context("stopping the first replica")?;
+        Ok::<_, anyhow::Error>(stopped_after)
+    })?;
+    let requests = sent.load(Ordering::Relaxed);
     let answered = answered.load(Ordering::Relaxed);
     let per_replica: Vec<u64> = metrics
         .iter()
@@ -259,19 +268,24 @@ fn counter_sum(text: &str, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// `31 + 17`: what each replica answered.
+fn per_replica(r: &DeployStageReport) -> String {
+    r.per_replica
+        .iter()
+        .map(u64::to_string)
+        .collect::<Vec<_>>()
+        .join(" + ")
+}
+
 pub fn headline(r: &DeployStageReport) -> String {
     format!(
-        "{} replicas behind the gateway, one drained mid-load (after {}): {}/{} answered, {} lost ({} per replica, {} upstream errors absorbed); gateway stop: /ready 503 after {:.1} ms, a request while draining {}, stream in flight {}, drained in {:.1} s",
+        "{} replicas behind the gateway, one drained mid-load after {} answers: {}/{} answered, {} lost ({} per replica, {} upstream errors absorbed); gateway stop: /ready 503 after {:.1} ms, a request while draining {}, stream in flight {}, drained in {:.1} s",
         r.replicas,
         r.stopped_after,
         r.answered,
         r.requests,
         r.lost,
-        r.per_replica
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(" + "),
+        per_replica(r),
         r.upstream_errors_absorbed,
         r.ready_503_after_ms,
         r.served_while_draining,
@@ -302,11 +316,7 @@ pub fn markdown(r: &DeployStageReport) -> String {
         r.answered,
         r.requests,
         r.lost,
-        r.per_replica
-            .iter()
-            .map(u64::to_string)
-            .collect::<Vec<_>>()
-            .join(" + "),
+        per_replica(r),
         r.upstream_errors_absorbed,
         r.ready_503_after_ms,
         r.served_while_draining,

@@ -49,6 +49,20 @@ struct Timed {
     completion_tokens: usize,
 }
 
+/// `base` served as `base_name`, with `adapters` (name, directory) beside it.
+pub fn serve_options(base: &Path, base_name: &str, adapters: &[(&str, &Path)]) -> ServeOptions {
+    let mut options = ServeOptions::new(base.to_string_lossy());
+    options.served_model_name = Some(base_name.to_string());
+    options.adapters = adapters
+        .iter()
+        .map(|(name, dir)| AdapterSpec {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+        })
+        .collect();
+    options
+}
+
 /// Serves `base` (as `base_name`) with `adapters`, sends `questions` (each with `system`) to every
 /// model at once, then benchmarks the last adapter. The server keeps running for the next stage;
 /// the caller shuts it down.
@@ -60,16 +74,8 @@ pub fn serve_stage(
     questions: &[String],
     quick: bool,
 ) -> Result<(ServeReport, ServerHandle)> {
-    let mut options = ServeOptions::new(base.to_string_lossy());
-    options.served_model_name = Some(base_name.to_string());
+    let mut options = serve_options(base, base_name, adapters);
     options.admin_key = Some(crate::lifecycle_loop::ADMIN_KEY.to_string());
-    options.adapters = adapters
-        .iter()
-        .map(|(name, dir)| AdapterSpec {
-            name: name.to_string(),
-            dir: dir.to_path_buf(),
-        })
-        .collect();
     let server = ServerHandle::start(&options, SocketAddr::from(([127, 0, 0, 1], 0)))
         .context("starting kiln serve")?;
     let url = server.url();
@@ -133,6 +139,7 @@ pub fn serve_stage(
             endpoint: Endpoint::Completions,
             seed: 0,
             api_key: None,
+            tokenize_url: None,
         })
         .with_context(|| format!("kiln bench serve at concurrency {c}"))
     };

@@ -383,7 +383,7 @@ fn print_banner(b: &Banner) {
          kiln up: store      {} (traces, captured content with PII scrubbed, feedback)\n\
          kiln up: inference  {} (kiln serve, loopback only)\n\
          kiln up: try\n  \
-           curl {base}/v1/chat/completions -H 'authorization: Bearer {key_shown}' \\\n    \
+           curl {base}/v1/chat/completions -H \"authorization: Bearer {key_shown}\" \\\n    \
            -H 'content-type: application/json' \\\n    \
            -d '{{\"model\": \"{}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}], \"max_tokens\": 16}}'\n\
          kiln up: listening on http://{} (Ctrl-C or SIGTERM drains and stops)",
