@@ -627,9 +627,10 @@ fn replicas_share_limits_cache_and_store_and_survive_losing_one_of_each() {
 }
 
 /// An upstream that answers `GET /v1/models` (so it stays in rotation) but reads every other
-/// request and closes the connection before any byte of a reply: the way a server dies in the
-/// middle of a request. Counts the requests it dropped.
-fn dying_upstream() -> (String, Arc<AtomicUsize>) {
+/// request and closes the connection before any byte of a reply — or, `after_headers`, after a
+/// 200's headers and the start of its body: the ways a server dies in the middle of a request.
+/// Counts the requests it dropped.
+fn dying_upstream(after_headers: bool) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let dropped = Arc::new(AtomicUsize::new(0));
@@ -657,6 +658,13 @@ fn dying_upstream() -> (String, Arc<AtomicUsize>) {
                     );
                 } else {
                     count.fetch_add(1, Ordering::Relaxed);
+                    if after_headers {
+                        let _ = write!(
+                            stream,
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                             content-length: 400\r\n\r\n{{\"id\": \"chatcmpl-cut"
+                        );
+                    }
                 }
             });
         }
@@ -666,9 +674,18 @@ fn dying_upstream() -> (String, Arc<AtomicUsize>) {
 
 #[test]
 fn an_upstream_dying_before_its_reply_headers_is_failed_over() {
+    upstream_dying_mid_request_is_failed_over(false);
+}
+
+#[test]
+fn an_upstream_dying_after_its_reply_headers_is_failed_over() {
+    upstream_dying_mid_request_is_failed_over(true);
+}
+
+fn upstream_dying_mid_request_is_failed_over(after_headers: bool) {
     let dir = tempfile::tempdir().unwrap();
     let serve = Proc::serve("serve", dir.path());
-    let (dying, dropped) = dying_upstream();
+    let (dying, dropped) = dying_upstream(after_headers);
     let config = dir.path().join("gateway.yaml");
     std::fs::write(
         &config,

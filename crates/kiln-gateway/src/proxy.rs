@@ -3,7 +3,9 @@
 //!
 //! A call is retried, with exponential backoff ([`BACKOFF`]), on a connection error or a
 //! 502/503/504 — always before any byte of the reply has reached the client, since the reply
-//! is only handed to the server once its status is known and acceptable. After [`ATTEMPTS`]
+//! is only handed to the server once its status is known and acceptable. A whole (not streamed)
+//! reply is read within the retries as well, so an upstream that dies between its headers and
+//! the end of its body is retried like one that never answered. After [`ATTEMPTS`]
 //! tries the upstream is taken out of rotation and the next one serving the model is tried.
 //! A timeout is not retried: the upstream may still be working on the request, and a retry
 //! would double the wait the client already paid. Upstreams out of rotation are still tried
@@ -69,7 +71,19 @@ impl Upstream {
 pub struct UpstreamReply {
     /// The upstream's name.
     pub upstream: String,
-    pub response: reqwest::Response,
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: UpstreamBody,
+}
+
+/// The body of an [`UpstreamReply`].
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Still to be read, as the reply streams in.
+    Streaming(reqwest::Response),
+    /// Read whole, within the retries: an upstream that broke off its reply was retried (and
+    /// failed over) like one that never answered.
+    Read(Bytes),
 }
 
 /// Why no upstream produced a reply.
@@ -176,12 +190,15 @@ impl Upstreams {
     }
 
     /// POSTs `body` to `path` (`/chat/completions`) of an upstream serving `model`, with
-    /// retries and failover (see the module docs). The reply's body is not read yet.
+    /// retries and failover (see the module docs). With `read_whole` the reply's body is read
+    /// within the retries — nothing has reached the client yet, so an upstream dying after its
+    /// headers is retried too; without it the body is left to stream.
     pub async fn send(
         &self,
         model: &str,
         path: &str,
         body: Bytes,
+        read_whole: bool,
         metrics: &GatewayMetrics,
     ) -> Result<UpstreamReply, ProxyError> {
         let order = self.order(model);
@@ -212,10 +229,33 @@ impl Upstreams {
                             last = format!("`{name}` answered {status}");
                             continue;
                         }
+                        let (status, headers) = (response.status(), response.headers().clone());
+                        let body = if read_whole {
+                            match response.bytes().await {
+                                Ok(bytes) => UpstreamBody::Read(bytes),
+                                Err(e) if e.is_timeout() => {
+                                    metrics.upstream_error(&name, "timeout");
+                                    return Err(ProxyError::Timeout {
+                                        upstream: name,
+                                        timeout_s: upstream.config.timeout_s,
+                                    });
+                                }
+                                Err(e) => {
+                                    metrics.upstream_error(&name, "body");
+                                    last =
+                                        format!("`{name}` broke off its reply: {}", describe(&e));
+                                    continue;
+                                }
+                            }
+                        } else {
+                            UpstreamBody::Streaming(response)
+                        };
                         upstream.set_healthy(true, "it answered a request");
                         return Ok(UpstreamReply {
                             upstream: name,
-                            response,
+                            status,
+                            headers,
+                            body,
                         });
                     }
                     Err(e) if e.is_timeout() => {

@@ -64,7 +64,7 @@ use crate::guard::{
 use crate::limits::{Admission, LimitKey, Limited, RateLimiter};
 use crate::metrics::GatewayMetrics;
 use crate::monitor::{Finished, Monitor, ReplySignals, RequestSignals, StreamSignals};
-use crate::proxy::{Upstreams, spawn_health_checker};
+use crate::proxy::{UpstreamBody, Upstreams, spawn_health_checker};
 use crate::store::{Budgets, ContentRecord, RequestRecord, Store};
 use crate::validate::{Endpoint, ValidRequest, Validator, too_large};
 use kiln_guard::policy::{Guardrails, RequestGuard, Violation};
@@ -901,7 +901,13 @@ async fn forward(
     let upstream_start = Instant::now();
     let reply = match inner
         .upstreams
-        .send(&ctx.model, valid.endpoint.path(), bytes, &inner.metrics)
+        .send(
+            &ctx.model,
+            valid.endpoint.path(),
+            bytes,
+            !valid.stream,
+            &inner.metrics,
+        )
         .await
     {
         Ok(r) => r,
@@ -915,55 +921,62 @@ async fn forward(
             return response;
         }
     };
-    let status = reply.response.status();
-    let upstream_headers = reply.response.headers().clone();
+    let status = reply.status;
+    let upstream_headers = reply.headers;
     let is_sse = upstream_headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
 
-    if valid.stream && status.is_success() && is_sse {
-        let rewriter = ctx
-            .guard
-            .as_ref()
-            .filter(|g| g.policy().checks_output())
-            .map(|_| SseRewriter::default());
-        let capture = ctx.captured_prompt.as_ref().map(|_| String::new());
-        let signals = ctx.signals.as_ref().map(|_| StreamSignals::default());
-        let tap = Tap {
-            ctx: Some(ctx),
-            admission: Some(admission),
-            upstream: reply.upstream,
-            upstream_start,
-            overhead: before_upstream,
-            status: status.as_u16(),
-            pending: Vec::new(),
-            chunks: key.as_ref().map(|_| Vec::new()),
-            assembled_bytes: 0,
-            cache_key: key,
-            usage: None,
-            content_chunks: 0,
-            rewriter,
-            capture,
-            choice_texts: Vec::new(),
-            completion_id: None,
-            signals,
-            cache_lookup,
-        };
-        let stream = TappedStream {
-            inner: Box::pin(reply.response.bytes_stream()),
-            tap,
-            done: false,
-        };
-        let mut response = sse_response(status, Body::from_stream(stream));
-        copy_headers(&upstream_headers, response.headers_mut());
-        response.headers_mut().extend(extra);
-        return response;
-    }
+    let streaming = valid.stream && status.is_success() && is_sse;
+    let body = match reply.body {
+        UpstreamBody::Streaming(upstream_response) if streaming => {
+            let rewriter = ctx
+                .guard
+                .as_ref()
+                .filter(|g| g.policy().checks_output())
+                .map(|_| SseRewriter::default());
+            let capture = ctx.captured_prompt.as_ref().map(|_| String::new());
+            let signals = ctx.signals.as_ref().map(|_| StreamSignals::default());
+            let tap = Tap {
+                ctx: Some(ctx),
+                admission: Some(admission),
+                upstream: reply.upstream,
+                upstream_start,
+                overhead: before_upstream,
+                status: status.as_u16(),
+                pending: Vec::new(),
+                chunks: key.as_ref().map(|_| Vec::new()),
+                assembled_bytes: 0,
+                cache_key: key,
+                usage: None,
+                content_chunks: 0,
+                rewriter,
+                capture,
+                choice_texts: Vec::new(),
+                completion_id: None,
+                signals,
+                cache_lookup,
+            };
+            let stream = TappedStream {
+                inner: Box::pin(upstream_response.bytes_stream()),
+                tap,
+                done: false,
+            };
+            let mut response = sse_response(status, Body::from_stream(stream));
+            copy_headers(&upstream_headers, response.headers_mut());
+            response.headers_mut().extend(extra);
+            return response;
+        }
+        body => body,
+    };
 
     // A whole reply: read it, then answer.
     let upstream_name = reply.upstream;
-    let read = reply.response.bytes().await;
+    let read = match body {
+        UpstreamBody::Read(bytes) => Ok(bytes),
+        UpstreamBody::Streaming(response) => response.bytes().await,
+    };
     let upstream_time = upstream_start.elapsed();
     let body = match read {
         Ok(b) => b,
